@@ -1,0 +1,87 @@
+"""Step-time benchmark: VAE vs proVAE training step, and a PGD step vs one ELBO fwd+bwd.
+
+Paper MNIST architecture, batch 128, CPU, one process. Prints JSON (medians, in milliseconds).
+Targets (issue "Core"): proVAE / VAE step ratio <= 2.2; PGD step <= 1.3 x ELBO fwd+bwd.
+
+    python benchmarks/step_times.py [--repeats 30] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from provae import elbo, make_model
+from provae.attacks import _sign_gradient_descent
+from provae.elbo import input_box
+from provae.training import training_objective
+
+
+def median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--eps", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    generator = torch.Generator().manual_seed(0)
+    model = make_model("mnist")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand((args.batch_size, 1, 28, 28), generator=generator)
+    noise = torch.randn((args.batch_size, model.latent_dim), generator=generator)
+
+    def train_step(eps: float):
+        def step():
+            loss = -training_objective(model, x, eps, noise, sigma0=1.0).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    def elbo_fwd_bwd():
+        loss = -elbo(model, x, noise).mean()
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+
+    box = input_box(x, args.eps)
+
+    def pgd_step():
+        _sign_gradient_descent(lambda v: elbo(model, v, noise), x, box.lower, box.upper, steps=1, step_size=0.01)
+
+    vae = median_ms(train_step(0.0), args.repeats)
+    provae = median_ms(train_step(args.eps), args.repeats)
+    fwd_bwd = median_ms(elbo_fwd_bwd, args.repeats)
+    pgd = median_ms(pgd_step, args.repeats)
+    print(json.dumps({
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "vae_train_step_ms": round(vae, 2),
+        "provae_train_step_ms": round(provae, 2),
+        "provae_over_vae": round(provae / vae, 3),
+        "elbo_fwd_bwd_ms": round(fwd_bwd, 2),
+        "pgd_step_ms": round(pgd, 2),
+        "pgd_over_fwd_bwd": round(pgd / fwd_bwd, 3),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

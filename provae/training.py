@@ -1,0 +1,132 @@
+"""Training on the certified bound (paper Algorithm 1, made to converge; method.md, "Training")."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+from .elbo import check_eps, elbo, elbo_lower_bound
+from .model import VAE
+
+
+@dataclass(frozen=True)
+class EpsSchedule:
+    """eps as a function of training progress, in (fractional) epochs.
+
+    ``warmup_epochs`` at eps = 0, then a linear ramp over ``ramp_epochs`` up to ``eps_train``,
+    then constant: the IBP schedule of Gowal et al. 2018 (also used by CROWN-IBP, Zhang et al.
+    2020). Starting at the full eps leaves IBP training stuck (method.md).
+    """
+
+    eps_train: float
+    warmup_epochs: float = 0.0
+    ramp_epochs: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_eps(self.eps_train)
+        if self.warmup_epochs < 0 or self.ramp_epochs < 0:
+            raise ValueError(f"warm-up and ramp lengths must be >= 0, got {self.warmup_epochs}, {self.ramp_epochs}")
+
+    def __call__(self, progress: float) -> float:
+        if progress < self.warmup_epochs:
+            return 0.0
+        if self.ramp_epochs == 0:
+            return self.eps_train
+        return self.eps_train * min(1.0, (progress - self.warmup_epochs) / self.ramp_epochs)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss; the model is not saved."""
+
+
+def minibatches(data: Tensor, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Tensor]:
+    """Shuffled mini-batches of an in-memory tensor (cheaper than a DataLoader for small images)."""
+    order = torch.randperm(data.shape[0], generator=generator)
+    for start in range(0, data.shape[0], batch_size):
+        yield data[order[start : start + batch_size]]
+
+
+def training_objective(
+    model: VAE, x: Tensor, eps: float, noise: Tensor, sigma0: float, clean_weight: float = 0.0
+) -> Tensor:
+    """Per-example objective to maximise: (1 - k) * LB_e(x, eps) + k * ELBO_e(x), k = clean_weight.
+
+    At eps = 0 the bound *is* the ELBO, so the cheaper plain forward pass is used.
+    """
+    if not 0.0 <= clean_weight <= 1.0:
+        raise ValueError(f"clean_weight must lie in [0, 1], got {clean_weight}")
+    if eps == 0.0 or clean_weight == 1.0:
+        return elbo(model, x, noise, sigma0)
+    bound = elbo_lower_bound(model, x, eps, noise, sigma0)
+    if clean_weight == 0.0:
+        return bound
+    return (1.0 - clean_weight) * bound + clean_weight * elbo(model, x, noise, sigma0)
+
+
+def train_epoch(
+    model: VAE,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Tensor],
+    schedule: EpsSchedule,
+    *,
+    epoch: int,
+    steps_per_epoch: int,
+    sigma0: float = 1.0,
+    clean_weight: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """One epoch of gradient ascent on the mean objective; eps follows ``schedule`` per step.
+
+    Returns the epoch's mean objective and the eps reached. A non-finite loss raises
+    :class:`NonFiniteLossError` naming the epoch and batch, before any parameter is touched.
+    """
+    model.train()
+    total, count, eps = 0.0, 0, schedule(epoch)
+    for step, x in enumerate(batches):
+        eps = schedule(epoch + step / steps_per_epoch)
+        noise = torch.randn((x.shape[0], model.latent_dim), generator=generator, device=x.device)
+        objective = training_objective(model, x, eps, noise, sigma0, clean_weight)
+        loss = -objective.mean()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at epoch {epoch}, batch {step} (eps={eps:.4g}); "
+                "try a lower learning rate or a longer eps warm-up/ramp"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += objective.detach().sum().item()
+        count += x.shape[0]
+    return {"objective": total / max(count, 1), "eps": eps}
+
+
+@torch.no_grad()
+def mean_bound_and_elbo(
+    model: VAE,
+    data: Tensor,
+    eps: float,
+    *,
+    batch_size: int = 500,
+    noise_samples: int = 1,
+    sigma0: float = 1.0,
+    clip: bool = True,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Dataset means of LB_e(x, eps) and ELBO_e(x) with the same draws, averaged over ``noise_samples``."""
+    model.eval()
+    bound_sum, elbo_sum = 0.0, 0.0
+    for start in range(0, data.shape[0], batch_size):
+        x = data[start : start + batch_size]
+        for _ in range(noise_samples):
+            noise = torch.randn((x.shape[0], model.latent_dim), generator=generator, device=x.device)
+            bound_sum += elbo_lower_bound(model, x, eps, noise, sigma0, clip).sum().item()
+            elbo_sum += elbo(model, x, noise, sigma0).sum().item()
+    n = data.shape[0] * noise_samples
+    result = {"bound": bound_sum / n, "elbo": elbo_sum / n}
+    if not all(math.isfinite(v) for v in result.values()):
+        raise NonFiniteLossError(f"non-finite evaluation at eps={eps}: {result}")
+    return result
