@@ -17,7 +17,7 @@ import torch
 
 from provae import elbo, make_model
 from provae.attacks import _sign_gradient_descent
-from provae.elbo import input_box
+from provae.bounds import input_box
 from provae.training import training_objective
 
 

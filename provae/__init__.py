@@ -1,15 +1,27 @@
-"""provae: provably robust VAEs (Condessa & Kolter, 2020), with a sound IBP certificate of the ELBO."""
+"""provae: provably robust VAEs (Condessa & Kolter, 2020), with a sound IBP certificate of the ELBO.
 
-from .attacks import WorstCase, expected_elbo, latent_attack, pgd_attack, worst_of
-from .elbo import elbo, elbo_lower_bound, input_box, kl_divergence, kl_upper_bound
-from .interval import Interval, propagate
-from .model import VAE, ModelConfig, load_checkpoint, load_model, make_model, save_checkpoint
-from .training import EpsSchedule, NonFiniteLossError, mean_bound_and_elbo, minibatches, train_epoch
+The public names below load their module on first use, so ``import provae.data`` (say) does not
+import the attacks: DVC stages then depend exactly on the modules they import.
+"""
 
-__all__ = [
-    "VAE", "ModelConfig", "make_model", "load_model", "load_checkpoint", "save_checkpoint",
-    "Interval", "propagate",
-    "elbo", "elbo_lower_bound", "input_box", "kl_divergence", "kl_upper_bound",
-    "pgd_attack", "latent_attack", "worst_of", "expected_elbo", "WorstCase",
-    "EpsSchedule", "train_epoch", "minibatches", "mean_bound_and_elbo", "NonFiniteLossError",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "provae.model": ["VAE", "ModelConfig", "make_model", "load_model", "load_checkpoint", "save_checkpoint"],
+    "provae.interval": ["Interval", "propagate"],
+    "provae.bounds": ["elbo", "elbo_lower_bound", "input_box", "kl_divergence", "kl_upper_bound"],
+    "provae.attacks": ["pgd_attack", "latent_attack", "worst_of", "expected_elbo", "WorstCase"],
+    "provae.training": ["EpsSchedule", "train_epoch", "minibatches", "mean_bound_and_elbo", "NonFiniteLossError"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'provae' has no attribute {name!r}")
+    return getattr(import_module(_MODULE_OF[name]), name)
+
+
+def __dir__():
+    return __all__

@@ -14,7 +14,7 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import Tensor
 
-from .elbo import elbo, input_box, kl_divergence
+from .bounds import elbo, input_box, kl_divergence
 from .model import VAE
 
 Objective = Callable[[Tensor], Tensor]  # x' [B, ...] -> value to minimise per example [B]
@@ -180,6 +180,7 @@ class WorstCase:
     elbo: Tensor  # [B] its ELBO, fresh noise averaged over the scoring draws
     elbo_same_noise: Tensor  # [B] lowest ELBO under the certificate's noise over all candidates
     attack_index: Tensor  # [B] which candidate gave ``x_adv``
+    candidate_elbos: Tensor  # [n_candidates, B] every candidate's fresh-noise ELBO (same draws)
 
 
 @torch.no_grad()
@@ -207,9 +208,9 @@ def worst_of(
         shared = torch.Generator(device=candidate.device).manual_seed(seed)
         fresh.append(expected_elbo(model, candidate, score_samples, sigma0, shared))
         same.append(elbo(model, candidate, noise, sigma0))
-    fresh_values, index = torch.stack(fresh).min(0)
+    candidate_elbos = torch.stack(fresh)
+    fresh_values, index = candidate_elbos.min(0)
     stacked = torch.stack(list(candidates))
     x_adv = stacked[index, torch.arange(stacked.shape[1], device=index.device)]
-    return WorstCase(
-        x_adv=x_adv, elbo=fresh_values, elbo_same_noise=torch.stack(same).min(0).values, attack_index=index
-    )
+    return WorstCase(x_adv=x_adv, elbo=fresh_values, elbo_same_noise=torch.stack(same).min(0).values,
+                     attack_index=index, candidate_elbos=candidate_elbos)

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor
 
-from .elbo import check_eps, elbo, elbo_lower_bound
+from .bounds import check_eps, elbo, elbo_lower_bound
 from .model import VAE
 
 
@@ -51,7 +51,7 @@ def minibatches(data: Tensor, batch_size: int, generator: torch.Generator | None
 
 
 def training_objective(
-    model: VAE, x: Tensor, eps: float, noise: Tensor, sigma0: float, clean_weight: float = 0.0
+    model: VAE, x: Tensor, eps: float, noise: Tensor, sigma0: float, clean_weight: float = 0.0, clip: bool = True
 ) -> Tensor:
     """Per-example objective to maximise: (1 - k) * LB_e(x, eps) + k * ELBO_e(x), k = clean_weight.
 
@@ -61,7 +61,7 @@ def training_objective(
         raise ValueError(f"clean_weight must lie in [0, 1], got {clean_weight}")
     if eps == 0.0 or clean_weight == 1.0:
         return elbo(model, x, noise, sigma0)
-    bound = elbo_lower_bound(model, x, eps, noise, sigma0)
+    bound = elbo_lower_bound(model, x, eps, noise, sigma0, clip)
     if clean_weight == 0.0:
         return bound
     return (1.0 - clean_weight) * bound + clean_weight * elbo(model, x, noise, sigma0)
@@ -77,6 +77,7 @@ def train_epoch(
     steps_per_epoch: int,
     sigma0: float = 1.0,
     clean_weight: float = 0.0,
+    clip: bool = True,
     generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """One epoch of gradient ascent on the mean objective; eps follows ``schedule`` per step.
@@ -89,7 +90,7 @@ def train_epoch(
     for step, x in enumerate(batches):
         eps = schedule(epoch + step / steps_per_epoch)
         noise = torch.randn((x.shape[0], model.latent_dim), generator=generator, device=x.device)
-        objective = training_objective(model, x, eps, noise, sigma0, clean_weight)
+        objective = training_objective(model, x, eps, noise, sigma0, clean_weight, clip)
         loss = -objective.mean()
         if not torch.isfinite(loss):
             raise NonFiniteLossError(

@@ -1,4 +1,9 @@
+import gzip
+import hashlib
 import os
+from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -35,3 +40,21 @@ def trained_small_model():
         train_epoch(model, optimizer, minibatches(data, 64, g), schedule, epoch=epoch, steps_per_epoch=4, generator=g)
     model.eval()
     return model, synthetic_images(32, seed=99)
+
+
+def write_idx_mirror(folder: Path, n_train: int = 600, n_test: int = 200) -> Path:
+    """A small MNIST-shaped mirror: IDX files, gzipped, with SHA256SUMS."""
+    mnist = folder / "mnist"
+    mnist.mkdir(parents=True)
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images = (synthetic_images(n, size=28, seed=seed)[:, 0].numpy() * 255).astype(np.uint8)
+        labels = np.arange(n, dtype=np.uint8) % 10
+        payloads = {
+            f"{prefix}-images-idx3-ubyte": bytes([0, 0, 8, 3]) + np.array([n, 28, 28], ">u4").tobytes() + images.tobytes(),
+            f"{prefix}-labels-idx1-ubyte": bytes([0, 0, 8, 1]) + np.array([n], ">u4").tobytes() + labels.tobytes(),
+        }
+        for name, payload in payloads.items():
+            (mnist / f"{name}.gz").write_bytes(gzip.compress(payload, mtime=0))
+    sums = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}" for p in sorted(mnist.glob("*.gz"))]
+    (mnist / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+    return folder

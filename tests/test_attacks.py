@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from provae import elbo, expected_elbo, latent_attack, pgd_attack, worst_of
-from provae.elbo import input_box
+from provae.bounds import input_box
 
 from conftest import small_model, synthetic_images
 
@@ -104,6 +104,7 @@ def test_worst_of_takes_the_lowest_per_example():
     fresh = torch.stack([expected_elbo(model, c, 4, generator=torch.Generator().manual_seed(seed)) for c in candidates])
     with torch.no_grad():
         same = torch.stack([elbo(model, c, noise) for c in candidates])
+    torch.testing.assert_close(result.candidate_elbos, fresh)
     torch.testing.assert_close(result.elbo, fresh.min(0).values)
     torch.testing.assert_close(result.attack_index, fresh.argmin(0))
     torch.testing.assert_close(result.x_adv, torch.stack(candidates)[fresh.argmin(0), torch.arange(6)])

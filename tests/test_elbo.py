@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from provae import elbo, elbo_lower_bound, kl_divergence, kl_upper_bound, make_model, pgd_attack
-from provae.elbo import input_box, latent_box, latent_sample, reconstruction_error, reconstruction_upper_bound
+from provae.bounds import input_box, latent_box, latent_sample, reconstruction_error, reconstruction_upper_bound
 from provae.interval import Interval
 
 from conftest import small_model, synthetic_images

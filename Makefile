@@ -1,0 +1,27 @@
+# Two commands on a fresh machine (README):
+#   make reproduce   create .venv from requirements.txt, then `dvc repro` (the full reproduction)
+#   make test        create .venv from requirements.txt, then the test suite
+# Also: make quick (the <= 10 min profile as a DVC experiment), make benchmark.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export DVC_NO_ANALYTICS := 1
+
+$(BIN)/dvc: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+.PHONY: reproduce test quick benchmark
+reproduce: $(BIN)/dvc
+	PATH=$(abspath $(BIN)):$$PATH dvc repro
+
+test: $(BIN)/dvc
+	PATH=$(abspath $(BIN)):$$PATH python -m pytest
+
+quick: $(BIN)/dvc
+	PATH=$(abspath $(BIN)):$$PATH dvc exp run $$($(BIN)/python scripts/profile.py quick)
+
+benchmark: $(BIN)/dvc
+	$(BIN)/python benchmarks/step_times.py
