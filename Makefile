@@ -21,7 +21,7 @@ test: $(BIN)/dvc
 	PATH=$(abspath $(BIN)):$$PATH python -m pytest
 
 quick: $(BIN)/dvc
-	PATH=$(abspath $(BIN)):$$PATH dvc exp run $$($(BIN)/python scripts/profile.py quick)
+	PATH=$(abspath $(BIN)):$$PATH python scripts/profile.py quick --run
 
 benchmark: $(BIN)/dvc
 	$(BIN)/python benchmarks/step_times.py

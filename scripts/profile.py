@@ -1,6 +1,7 @@
 """Apply a parameter profile (profiles/NAME.yaml) on top of params.yaml.
 
-    python scripts/profile.py quick            # prints `-S key=value` flags for `dvc exp run`
+    python scripts/profile.py quick --run      # runs it as a DVC experiment: dvc exp run -S ...
+    python scripts/profile.py quick            # prints that command, shell-quoted
     python scripts/profile.py tiny --write     # writes the merged params.yaml in place
 
 Nested keys in the profile override the same keys in params.yaml; everything else is kept.
@@ -11,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -38,7 +41,9 @@ def merge(base: dict, override: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", help="profile name: a file profiles/NAME.yaml")
-    parser.add_argument("--write", action="store_true", help="rewrite params.yaml instead of printing -S flags")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--run", action="store_true", help="run `dvc exp run` with the profile's -S flags")
+    mode.add_argument("--write", action="store_true", help="rewrite params.yaml with the profile applied")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
     root = Path(__file__).resolve().parent.parent
@@ -47,10 +52,14 @@ def main() -> None:
     merged = merge(base, override)  # validates every key, in both modes
     if args.write:
         Path(args.params).write_text(yaml.safe_dump(merged, sort_keys=False, default_flow_style=None))
-    else:
-        # JSON is valid YAML flow style: lists, numbers, null and booleans read back unchanged.
-        flags = [f"-S {shlex.quote(f'{key}={json.dumps(value)}')}" for key, value in flatten(override).items()]
-        print(" ".join(flags))
+        return
+    # JSON is valid YAML flow style: lists, numbers, null and booleans read back unchanged.
+    command = ["dvc", "exp", "run"]
+    for key, value in flatten(override).items():
+        command += ["-S", f"{key}={json.dumps(value)}"]
+    if args.run:
+        sys.exit(subprocess.call(command))
+    print(shlex.join(command))
 
 
 if __name__ == "__main__":
