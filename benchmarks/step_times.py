@@ -21,15 +21,18 @@ from provae.bounds import input_box
 from provae.training import training_objective
 
 
-def median_ms(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def median_ms(functions: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median wall time of each function; rounds interleave them so drift hits all alike."""
+    for fn in functions.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in functions}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -66,10 +69,9 @@ def main() -> None:
     def pgd_step():
         _sign_gradient_descent(lambda v: elbo(model, v, noise), x, box.lower, box.upper, steps=1, step_size=0.01)
 
-    vae = median_ms(train_step(0.0), args.repeats)
-    provae = median_ms(train_step(args.eps), args.repeats)
-    fwd_bwd = median_ms(elbo_fwd_bwd, args.repeats)
-    pgd = median_ms(pgd_step, args.repeats)
+    ms = median_ms({"vae": train_step(0.0), "provae": train_step(args.eps), "fwd_bwd": elbo_fwd_bwd, "pgd": pgd_step},
+                   args.repeats)
+    vae, provae, fwd_bwd, pgd = ms["vae"], ms["provae"], ms["fwd_bwd"], ms["pgd"]
     print(json.dumps({
         "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
