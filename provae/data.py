@@ -71,6 +71,15 @@ def _digest(data: bytes, algorithm: str) -> str:
     return hashlib.new(algorithm, data).hexdigest()
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in blocks (prepared files run to hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _read_verified(folder: Path, name: str) -> bytes:
     """Read ``folder/name`` and check it against ``folder/SHA256SUMS``."""
     sums_path = folder / "SHA256SUMS"

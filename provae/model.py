@@ -11,6 +11,7 @@ The paper's "fully connected layer of 3136 units" is read as the flattened 64x7x
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -111,11 +112,18 @@ class Checkpoint:
 
 
 def save_checkpoint(path, model: VAE, metadata: dict | None = None) -> None:
-    """Weights plus the config that rebuilds the model and free-form training metadata."""
+    """Weights plus the config that rebuilds the model and free-form training metadata.
+
+    Written to a side file first, then renamed: a crash never leaves a truncated checkpoint.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
     torch.save(
         {"config": dict(model.config.__dict__), "state_dict": model.state_dict(), "metadata": metadata or {}},
-        path,
+        partial,
     )
+    partial.replace(path)
 
 
 def load_checkpoint(path, map_location: str | torch.device = "cpu") -> Checkpoint:

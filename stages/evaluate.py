@@ -111,8 +111,10 @@ def main() -> None:
     examples = attacked[: p["example_count"]]
     prior_noise = torch.randn((p["sample_count"], model.latent_dim), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        score = lambda x: expected_elbo(model, x, p["score_samples"], meta["sigma0"],  # noqa: E731
-                                        torch.Generator(device).manual_seed(seed)).cpu().numpy()
+        def score(x):
+            return expected_elbo(model, x, p["score_samples"], meta["sigma0"],
+                                 torch.Generator(device).manual_seed(seed)).cpu().numpy()
+
         arrays = {
             "clean": to_uint8(examples), "attacked": to_uint8(example_adv),
             "clean_reconstruction": to_uint8(model(examples)), "attacked_reconstruction": to_uint8(model(example_adv)),

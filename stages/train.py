@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
-from pathlib import Path
 
 import torch
 from common import eps_value, load_params
 from dvclive import Live
 from tqdm import tqdm
 
-from provae.data import DataError, check_dataset_name, load_prepared
+from provae.data import DataError, check_dataset_name, file_sha256, load_prepared
 from provae.model import make_model, save_checkpoint
 from provae.runtime import resolve_device, seed_everything
 from provae.training import EpsSchedule, NonFiniteLossError, mean_bound_and_elbo, minibatches, train_epoch
-
-
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def main() -> None:
@@ -75,15 +65,12 @@ def main() -> None:
                       f"test bound {monitor['bound']:.2f}, test ELBO {monitor['elbo']:.2f}", flush=True)
 
     metadata = {
-        "dataset": args.dataset, "data_label": data.provenance["label"], "data_sha256": sha256_of(args.data),
+        "dataset": args.dataset, "data_label": data.provenance["label"], "data_sha256": file_sha256(args.data),
         "eps_train": args.eps_train, "sigma0": sigma0, "clip": params["clip"], "seed": seed, "train_params": p,
         "train_examples": int(train_images.shape[0]), "torch": str(torch.__version__), "device": str(device),
         "wall_time_s": round(time.time() - started, 1),
     }
-    Path(args.model).parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(args.model).with_name(Path(args.model).name + ".partial")
-    save_checkpoint(partial, model.cpu(), metadata)
-    partial.replace(args.model)
+    save_checkpoint(args.model, model.cpu(), metadata)
 
 
 if __name__ == "__main__":
