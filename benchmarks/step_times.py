@@ -18,6 +18,7 @@ import torch
 from provae import elbo, make_model
 from provae.attacks import _sign_gradient_descent
 from provae.bounds import input_box
+from provae.runtime import reuse_freed_memory
 from provae.training import training_objective
 
 
@@ -41,7 +42,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="skip reuse_freed_memory() (the stages call it; this shows its effect)")
     args = parser.parse_args()
+    allocator_tuned = False if args.default_allocator else reuse_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -75,6 +79,7 @@ def main() -> None:
     print(json.dumps({
         "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
+        "allocator_tuned": allocator_tuned,
         "torch": torch.__version__,
         "vae_train_step_ms": round(vae, 2),
         "provae_train_step_ms": round(provae, 2),

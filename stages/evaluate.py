@@ -16,7 +16,7 @@ from provae.attacks import expected_elbo, latent_attack, pgd_attack, worst_of
 from provae.bounds import elbo_lower_bound
 from provae.data import DataError, load_prepared
 from provae.model import load_checkpoint
-from provae.runtime import resolve_device, seed_everything
+from provae.runtime import resolve_device, reuse_freed_memory, seed_everything
 from provae.training import mean_bound_and_elbo
 
 
@@ -89,6 +89,7 @@ def main() -> None:
     if p["example_eps_attack"] not in p["eps_attack"]:
         raise ValueError(f"evaluate.example_eps_attack={p['example_eps_attack']} must be one of evaluate.eps_attack")
 
+    reuse_freed_memory()
     seed_everything(seed)
     device = resolve_device(p["device"])
     checkpoint = load_checkpoint(args.model, map_location=device)

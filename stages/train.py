@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from provae.data import DataError, check_dataset_name, file_sha256, load_prepared
 from provae.model import make_model, save_checkpoint
-from provae.runtime import resolve_device, seed_everything
+from provae.runtime import resolve_device, reuse_freed_memory, seed_everything
 from provae.training import EpsSchedule, NonFiniteLossError, mean_bound_and_elbo, minibatches, train_epoch
 
 
@@ -29,6 +29,7 @@ def main() -> None:
     p, seed, sigma0 = params["train"], params["seed"], params["model"]["sigma0"]
     check_dataset_name(args.dataset)
 
+    reuse_freed_memory()
     generator = seed_everything(seed)
     device = resolve_device(p["device"])
     data = load_prepared(args.data)
