@@ -1,3 +1,5 @@
+import platform
+
 import pytest
 import torch
 
@@ -5,6 +7,7 @@ from provae import (
     EpsSchedule, NonFiniteLossError, elbo, load_checkpoint, load_model, make_model, minibatches,
     save_checkpoint, train_epoch,
 )
+from provae.runtime import reuse_freed_memory
 from provae.training import mean_bound_and_elbo, training_objective
 
 from conftest import small_model, synthetic_images
@@ -95,3 +98,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert checkpoint.metadata == {"eps_train": 0.05, "seed": 4}
     x = synthetic_images(3)
     torch.testing.assert_close(load_model(path)(x), model(x))
+
+
+def test_reuse_freed_memory_applies_on_glibc_only():
+    assert reuse_freed_memory() is (platform.libc_ver()[0] == "glibc")
