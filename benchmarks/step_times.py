@@ -1,6 +1,6 @@
 """Step-time benchmark: VAE vs proVAE training step, and a PGD step vs one ELBO fwd+bwd.
 
-Paper MNIST architecture, batch 128, CPU, one process. Prints JSON (medians, in milliseconds).
+Paper architecture (MNIST by default, or --dataset cifar10), batch 128, CPU, one process. Prints JSON (medians, in milliseconds).
 Targets (issue "Core"): proVAE / VAE step ratio <= 2.2; PGD step <= 1.3 x ELBO fwd+bwd.
 
     python benchmarks/step_times.py [--repeats 30] [--threads N]
@@ -39,6 +39,7 @@ def median_ms(functions: dict, repeats: int, warmup: int = 3) -> dict[str, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--dataset", default="mnist", choices=["mnist", "cifar10"], help="which paper architecture")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -50,9 +51,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     generator = torch.Generator().manual_seed(0)
-    model = make_model("mnist")
+    model = make_model(args.dataset)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.rand((args.batch_size, 1, 28, 28), generator=generator)
+    x = torch.rand((args.batch_size, *model.config.image_shape), generator=generator)
     noise = torch.randn((args.batch_size, model.latent_dim), generator=generator)
 
     def train_step(eps: float):
@@ -77,6 +78,7 @@ def main() -> None:
                    args.repeats)
     vae, provae, fwd_bwd, pgd = ms["vae"], ms["provae"], ms["fwd_bwd"], ms["pgd"]
     print(json.dumps({
+        "dataset": args.dataset,
         "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
         "allocator_tuned": allocator_tuned,
