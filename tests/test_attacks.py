@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from provae import elbo, expected_elbo, latent_attack, pgd_attack, worst_of
+from provae import elbo, expected_elbo, kl_divergence, latent_attack, pgd_attack, worst_of
 from provae.bounds import input_box
 
 from conftest import small_model, synthetic_images
@@ -109,3 +109,14 @@ def test_worst_of_takes_the_lowest_per_example():
     torch.testing.assert_close(result.attack_index, fresh.argmin(0))
     torch.testing.assert_close(result.x_adv, torch.stack(candidates)[fresh.argmin(0), torch.arange(6)])
     torch.testing.assert_close(result.elbo_same_noise, same.min(0).values)
+
+
+def test_latent_attack_raises_the_kl_when_the_elbo_is_all_kl():
+    """With a huge sigma0 the reconstruction term vanishes, ELBO ~ -KL: the KL attack must win."""
+    model, x = small_model(), synthetic_images(8)
+    noise = torch.randn(8, model.latent_dim)
+    x_adv = latent_attack(model, x, 0.1, noise, objective="kl", steps=20, sigma0=1e3,
+                          generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (kl_divergence(*model.encode(x_adv)) > kl_divergence(*model.encode(x)) + 1e-4).all()
+        assert (elbo(model, x_adv, noise, sigma0=1e3) < elbo(model, x, noise, sigma0=1e3)).all()
