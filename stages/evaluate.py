@@ -13,7 +13,7 @@ import torch
 from common import eps_value, load_params, write_json
 
 from provae.attacks import expected_elbo, latent_attack, pgd_attack, worst_of
-from provae.bounds import elbo_lower_bound
+from provae.bounds import elbo_lower_bound, kl_divergence
 from provae.data import DataError, load_prepared
 from provae.model import load_checkpoint
 from provae.runtime import resolve_device, reuse_freed_memory, seed_everything
@@ -71,6 +71,16 @@ def attack_curve(model, images, p, meta, seed) -> tuple[pd.DataFrame, torch.Tens
     return pd.DataFrame(rows), example_adv
 
 
+def posterior_usage(model, images, batch_size: int, threshold: float = 0.01) -> dict:
+    """Mean KL(q(z|x) || p(z)) and the active latent units: dims whose posterior mean varies across
+    inputs, Var_x E_q[z_j] > threshold (Burda et al., 2016). Few active units is posterior collapse."""
+    with torch.no_grad():
+        encoded = [model.encode(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+    mu = torch.cat([m for m, _ in encoded])
+    kl = torch.cat([kl_divergence(m, log_sigma) for m, log_sigma in encoded])
+    return {"kl": kl.mean().item(), "active_units": int((mu.var(0) > threshold).sum())}
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
@@ -106,6 +116,7 @@ def main() -> None:
                                    clip=meta["clip"], generator=torch.Generator(device).manual_seed(seed))
 
     on_train, on_test = certified(train_images), certified(test_images[: p["bound_test_examples"]])
+    usage = posterior_usage(model, test_images[: p["bound_test_examples"]], p["batch_size"])
     attacked = test_images[: p["attack_examples"]]
     curve, example_adv = attack_curve(model, attacked, p, meta, seed)
 
@@ -134,6 +145,7 @@ def main() -> None:
         "sigma0": meta["sigma0"], "clip": meta["clip"],
         "lb_train": on_train["bound"], "elbo_train": on_train["elbo"],
         "lb_test": on_test["bound"], "elbo_test": on_test["elbo"],
+        "kl_test": usage["kl"], "active_units": usage["active_units"],
         "attack_examples": int(attacked.shape[0]),
         "audit": {"violations": violations, "min_margin": float(curve["min_margin"].min()),
                   "checked_eps_attack": list(p["eps_attack"])},

@@ -9,8 +9,10 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -72,11 +74,12 @@ def project(tmp_path_factory, env):
 def test_repro_runs_every_stage_and_writes_the_report(project):
     repo, output = project
     assert ran_stages(output) == ["data@mnist", "train@mnist-0.0", "train@mnist-0.05", "evaluate@mnist-0.0",
-                                  "evaluate@mnist-0.05", "report"]
+                                  "evaluate@mnist-0.05", "attack_strength@mnist-0.05", "report"]
     table = (repo / "reports" / "table1.csv").read_text().splitlines()
     assert len(table) == 3 and table[0].startswith("dataset,data,eps_train,lb_train")
     for figure in ("fig1_adversarial_mnist", "fig2_reconstructions_mnist", "fig3_attack_curves", "fig4_samples_mnist"):
         assert (repo / "reports" / "figures" / f"{figure}.png").stat().st_size > 1000
+    assert "## MNIST, proVAE eps_train=0.05" in (repo / "reports" / "attack_strength.md").read_text()
     provenance = yaml.safe_load((repo / "reports" / "data" / "mnist.json").read_text())
     assert provenance["source"] == "mirror" and provenance["jpeg_copy"] is False
 
@@ -91,6 +94,15 @@ def test_certificate_audit_ran_and_passed(project):
     metrics = yaml.safe_load((repo / "reports" / "eval" / "mnist-eps0.05" / "metrics.json").read_text())
     assert metrics["audit"]["violations"] == 0
     assert metrics["lb_test"] <= metrics["elbo_test"]
+
+
+def test_attack_strength_compares_each_setting_with_evaluates_own(project):
+    repo, _ = project
+    table = pd.read_csv(repo / "reports" / "attack_strength" / "mnist-eps0.05.csv")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert table["pgd_steps"].tolist() == [params["evaluate"]["pgd_steps"], 10]  # tiny: evaluate's 5, then 10
+    assert table["change_vs_evaluate"].iloc[0] == 0
+    assert (table["elbo_attacked"] >= table["bound"]).all()  # a stronger attack still never beats the certificate
 
 
 def test_adding_an_eps_value_runs_only_the_new_models(project, env):
@@ -145,3 +157,25 @@ def test_train_stage_rejects_negative_eps(env, tmp_path):
                   "--data", str(tmp_path / "d.npz"), "--model", str(tmp_path / "m.pt"), "--live", str(tmp_path / "l")],
                  ROOT, env, check=False)
     assert result.returncode != 0 and "eps must be finite and >= 0" in result.stderr
+
+
+def test_sigma0_sweep_queues_experiments_and_collects_them_beside_the_baseline(project, env):
+    repo, _ = project
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "baseline for the sweep", "--allow-empty"], repo, env)
+    run([sys.executable, "scripts/sigma0_sweep.py", "queue", "--sigma0", "0.5"], repo, env)
+    run(["dvc", "queue", "start", "--jobs", "1"], repo, env)
+    deadline = time.monotonic() + 600
+    while re.search(r"\b(Queued|Running)\b", run(["dvc", "queue", "status"], repo, env).stdout):
+        assert time.monotonic() < deadline, "the queued sweep experiment did not finish in 10 minutes"
+        time.sleep(5)
+    run(["dvc", "queue", "stop"], repo, env, check=False)
+    assert "sweep-sigma0-0.5" in run(["dvc", "exp", "list", "--name-only"], repo, env).stdout
+    run([sys.executable, "scripts/sigma0_sweep.py", "collect"], repo, env)
+    table = pd.read_csv(repo / "reports" / "sigma0_sweep" / "sweep.csv")
+    vae = table[table["eps_train"] == 0].set_index("sigma0")
+    assert sorted(vae.index) == [0.5, 1.0]
+    assert vae.loc[0.5, "run"] == "sweep-sigma0-0.5" and vae.loc[1.0, "run"] == "baseline (HEAD)"
+    # Reconstruction weighs 1/(2 sigma0^2): four times more at 0.5, so a lower ELBO.
+    assert vae.loc[0.5, "elbo_test"] < vae.loc[1.0, "elbo_test"]
+    assert (repo / "reports" / "sigma0_sweep" / "sweep.png").stat().st_size > 1000

@@ -1,0 +1,178 @@
+"""The sigma0 sweep on MNIST: DVC experiments that retrain and re-evaluate models at other values
+of sigma0 (the std of p(x|z)), collected beside the committed models into reports/sigma0_sweep/.
+
+    python scripts/sigma0_sweep.py queue --sigma0 0.5 0.3 0.1            # the VAE at each sigma0
+    python scripts/sigma0_sweep.py queue --sigma0 0.3 --eps-train 0.0 0.1 # and a proVAE beside it
+    python scripts/sigma0_sweep.py queue --sigma0 1.0 --set train.epochs=5 # training length instead
+    dvc queue start --jobs 1 && dvc queue status                           # runs them, in order
+    python scripts/sigma0_sweep.py collect
+
+Experiments are named `sweep-sigma0-<value>[-<key><value>...]`; `collect` reads every such
+experiment's params, evaluation metrics and attack curves from its git commit, adds the
+committed models (HEAD) as the baseline, and writes a table and a figure. Experiment refs live
+only in this git repository (share them with `dvc exp push origin`); the collected files are
+what gets committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+import yaml  # noqa: E402
+
+DATASET = "mnist"
+PREFIX = "sweep-"
+EVAL_METRICS = "reports/eval/{dataset}-eps{eps}/metrics.json"
+CURVE = "reports/attack_curves/{dataset}-eps{eps}.csv"
+SHOWN_EPS_ATTACK = 0.1  # the paper's headline attack radius
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], check=True, capture_output=True, text=True).stdout
+
+
+def read_at(commit: str, path: str) -> str | None:
+    result = subprocess.run(["git", "show", f"{commit}:{path}"], capture_output=True, text=True)
+    return result.stdout if result.returncode == 0 else None
+
+
+def experiment_name(sigma0: float, overrides: list[str]) -> str:
+    suffix = "".join(f"-{key.split('.')[-1]}{value}" for key, value in (o.split("=", 1) for o in overrides))
+    return f"{PREFIX}sigma0-{sigma0:g}{suffix}"
+
+
+def queue(args) -> None:
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    unknown = [eps for eps in args.eps_train if eps not in [float(e) for e in params["eps_train"]]]
+    if unknown:
+        sys.exit(f"eps_train {unknown} not in params.yaml's eps_train {params['eps_train']}")
+    # Stage names carry the eps as Python prints the float (0.0, 0.1), as do the matrix's.
+    targets = [f"{stage}@{DATASET}-{eps}" for eps in args.eps_train for stage in ("train", "evaluate")]
+    for sigma0 in args.sigma0:
+        if not sigma0 > 0:
+            sys.exit(f"sigma0 must be > 0, got {sigma0}")
+        command = ["dvc", "exp", "run", "--queue", "-n", experiment_name(sigma0, args.set),
+                   "-S", f"model.sigma0={sigma0}"]
+        for override in args.set:
+            command += ["-S", override]
+        print(" ".join(command + targets), flush=True)
+        subprocess.run(command + targets, check=True)
+
+
+def runs() -> list[tuple[str, str]]:
+    """(label, commit) for HEAD and every sweep experiment, oldest experiment first."""
+    refs = git("for-each-ref", "--sort=committerdate", "--format=%(refname) %(objectname)", "refs/exps").split("\n")
+    found = [("baseline (HEAD)", git("rev-parse", "HEAD").strip())]
+    for line in filter(None, refs):
+        ref, commit = line.split()
+        name = ref.rsplit("/", 1)[-1]
+        if name.startswith(PREFIX):
+            found.append((name, commit))
+    return found
+
+
+def collect_rows(eps_grid: list[float]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    summary, curves = [], []
+    for label, commit in runs():
+        params = yaml.safe_load(read_at(commit, "params.yaml"))
+        for eps in eps_grid:
+            metrics_text = read_at(commit, EVAL_METRICS.format(dataset=DATASET, eps=eps))
+            curve_text = read_at(commit, CURVE.format(dataset=DATASET, eps=eps))
+            if metrics_text is None or curve_text is None:
+                continue
+            metrics = json.loads(metrics_text)
+            if metrics["sigma0"] != params["model"]["sigma0"]:
+                continue  # an output left from another sigma0: this run did not re-evaluate that model
+            run = {"run": label, "commit": commit[:10], "sigma0": metrics["sigma0"], "epochs": params["train"]["epochs"],
+                   "eps_train": eps}
+            curve = pd.read_csv(pd.io.common.StringIO(curve_text))
+            attacked = curve.set_index("eps_attack")["elbo_attacked"]
+            summary.append({**run, **{key: metrics.get(key) for key in
+                                      ("elbo_test", "lb_test", "kl_test", "active_units", "attack_examples")},
+                            "elbo_clean_subset": attacked.get(0.0), "elbo_attacked": attacked.get(SHOWN_EPS_ATTACK)})
+            curves.append(curve.assign(**run))
+    if not summary:
+        sys.exit("no evaluated models found at HEAD or in sweep experiments")
+    table = pd.DataFrame(summary)
+    # One row per setting: a rerun of the same setting replaces the earlier one.
+    table = table.drop_duplicates(["sigma0", "epochs", "eps_train"], keep="last")
+    table["drop"] = table["elbo_clean_subset"] - table["elbo_attacked"]
+    curves = pd.concat(curves).merge(table[["run", "eps_train"]], on=["run", "eps_train"])
+    return table.sort_values(["eps_train", "epochs", "sigma0"], ascending=[True, True, False]), curves
+
+
+def markdown(table: pd.DataFrame) -> str:
+    shown = table.rename(columns={
+        "elbo_test": "ELBO test", "lb_test": "LB test", "kl_test": "KL test", "active_units": "active units",
+        "elbo_clean_subset": "ELBO (attacked subset, clean)",
+        "elbo_attacked": f"ELBO attacked, eps {SHOWN_EPS_ATTACK:g}", "drop": "drop"})
+    columns = ["sigma0", "epochs", "eps_train", "ELBO test", "LB test", "KL test", "active units",
+               "ELBO (attacked subset, clean)", f"ELBO attacked, eps {SHOWN_EPS_ATTACK:g}", "drop", "run", "commit"]
+    return "\n".join([
+        "# sigma0 sweep (MNIST)", "",
+        "Generated by `python scripts/sigma0_sweep.py collect` from DVC experiments; do not edit by hand.",
+        "Nats per image, the Gaussian constant dropped. 'drop' is the clean minus the attacked ELBO on the "
+        f"attacked test subset at eps_attack = {SHOWN_EPS_ATTACK:g}. Active units: latent dims with "
+        "Var_x E_q[z_j] > 0.01.", "",
+        shown[columns].to_markdown(index=False, floatfmt=".2f"), ""])
+
+
+def figure(curves: pd.DataFrame, path: Path) -> None:
+    curves = curves.assign(
+        setting=[f"sigma0={s:g}, {e} epochs, " + ("VAE" if t == 0 else f"eps_train={t:g}")
+                 for s, e, t in zip(curves["sigma0"], curves["epochs"], curves["eps_train"])],
+        drop=lambda c: c.groupby(["run", "eps_train"])["elbo_attacked"].transform("first") - c["elbo_attacked"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, y, title in ((axes[0], "elbo_attacked", "ELBO under attack (nats)"),
+                         (axes[1], "drop", "ELBO lost to the attack (nats, log scale)")):
+        sns.lineplot(data=curves, x="eps_attack", y=y, hue="setting", style="eps_train", marker="o", ax=ax)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("eps_attack (l_inf)")
+        ax.legend(fontsize=7)
+    axes[0].set_yscale("symlog", linthresh=10)
+    axes[1].set_yscale("symlog", linthresh=1)
+    fig.suptitle("sigma0 sweep, MNIST: a smaller sigma0 weights reconstruction by 1/(2 sigma0^2)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def collect(args) -> None:
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    table, curves = collect_rows([float(e) for e in params["eps_train"]])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "sweep.csv", index=False, float_format="%.4f")
+    curves.to_csv(out / "curves.csv", index=False, float_format="%.6g")
+    (out / "sweep.md").write_text(markdown(table))
+    figure(curves, out / "sweep.png")
+    print(markdown(table))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    queued = commands.add_parser("queue", help="queue one DVC experiment per sigma0")
+    queued.add_argument("--sigma0", type=float, nargs="+", required=True)
+    queued.add_argument("--eps-train", type=float, nargs="+", default=[0.0])
+    queued.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another param override")
+    queued.set_defaults(run=queue)
+    collected = commands.add_parser("collect", help="write reports/sigma0_sweep/ from the experiments")
+    collected.add_argument("--out", default="reports/sigma0_sweep")
+    collected.set_defaults(run=collect)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
