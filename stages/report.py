@@ -147,6 +147,33 @@ def figure_attack_curves(results, datasets, eps_grid, path) -> None:
     plt.close(fig)
 
 
+def figure_training_curves(pattern: str, datasets, eps_grid, labels: dict, path) -> None:
+    """Test certified bound at eps_train (solid) and test ELBO (dashed) per epoch, per model."""
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    palette = dict(zip(eps_grid, sns.color_palette("viridis", len(eps_grid))))
+    for ax, dataset in zip(axes[0], datasets):
+        finals = []
+        for eps in eps_grid:
+            folder = Path(pattern.format(dataset=dataset, eps=eps)) / "plots" / "metrics" / "test"
+            bound = pd.read_csv(folder / "bound_at_eps_train.tsv", sep="\t")
+            elbo = pd.read_csv(folder / "elbo.tsv", sep="\t")
+            epoch = bound["step"] + 1
+            ax.plot(epoch, bound["bound_at_eps_train"], color=palette[eps], marker=".", label=f"{model_name(eps)}: LB")
+            ax.plot(epoch, elbo["elbo"], color=palette[eps], linestyle="--", label=f"{model_name(eps)}: ELBO")
+            finals += [bound["bound_at_eps_train"].iloc[-1], elbo["elbo"].iloc[-1]]
+        # The bound at the full eps_train is far lower during the warm-up; frame the converged values.
+        span = max(finals) - min(finals) + 1.0
+        ax.set_ylim(min(finals) - 1.5 * span, max(finals) + 0.3 * span)
+        ax.set_title(labels[dataset])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("nats (test monitor subset)")
+        ax.legend(fontsize=6)
+    fig.suptitle("Training curves: certified bound at eps_train (solid) and ELBO (dashed) on test images", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def figure_samples(results, dataset, eps_grid, path) -> None:
     """Figure 4: decoder samples g(e), e ~ N(0, I), the same draws for every model."""
     fig, axes = plt.subplots(1, len(eps_grid), figsize=(3 * len(eps_grid), 3.3), squeeze=False)
@@ -207,6 +234,7 @@ def main() -> None:
     parser.add_argument("--curves", required=True, help="attack-curve csv, with {dataset} and {eps}")
     parser.add_argument("--strength", required=True, help="attack-strength csv, with {dataset} and {eps}")
     parser.add_argument("--strength-table", required=True, help="attack-strength summary, .md")
+    parser.add_argument("--training", required=True, help="DVCLive folder per model, with {dataset} and {eps}")
     parser.add_argument("--paper", required=True)
     parser.add_argument("--table", required=True, help="path prefix for table .md/.csv/.tex")
     parser.add_argument("--figures", required=True)
@@ -246,6 +274,8 @@ def main() -> None:
     entries.append(("figures/fig3_attack_curves.png", "Figure 3: ELBO under attack vs eps_attack, with certified bounds"))
     write_json(args.metrics, summary_metrics(results, table))
     labels = {dataset: results[dataset, eps_grid[0]]["metrics"]["data_label"] for dataset in datasets}
+    figure_training_curves(args.training, datasets, eps_grid, labels, figures / "training_curves.png")
+    entries.append(("figures/training_curves.png", "Training curves: test bound and ELBO per epoch, every model"))
     strength_eps = [float(e) for e in params["attack_strength"]["eps_train"]]
     Path(args.strength_table).write_text(attack_strength_markdown(args.strength, datasets, strength_eps, labels) + "\n")
     entries.append(("attack_strength.md", "Attack strength: the attack curve's attack vs stronger settings"))

@@ -77,7 +77,8 @@ def test_repro_runs_every_stage_and_writes_the_report(project):
                                   "evaluate@mnist-0.05", "attack_strength@mnist-0.05", "report"]
     table = (repo / "reports" / "table1.csv").read_text().splitlines()
     assert len(table) == 3 and table[0].startswith("dataset,data,eps_train,lb_train")
-    for figure in ("fig1_adversarial_mnist", "fig2_reconstructions_mnist", "fig3_attack_curves", "fig4_samples_mnist"):
+    for figure in ("fig1_adversarial_mnist", "fig2_reconstructions_mnist", "fig3_attack_curves", "fig4_samples_mnist",
+                   "training_curves"):
         assert (repo / "reports" / "figures" / f"{figure}.png").stat().st_size > 1000
     assert "## MNIST, proVAE eps_train=0.05" in (repo / "reports" / "attack_strength.md").read_text()
     provenance = yaml.safe_load((repo / "reports" / "data" / "mnist.json").read_text())
