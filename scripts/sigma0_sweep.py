@@ -34,6 +34,7 @@ DATASET = "mnist"
 PREFIX = "sweep-"
 EVAL_METRICS = "reports/eval/{dataset}-eps{eps}/metrics.json"
 CURVE = "reports/attack_curves/{dataset}-eps{eps}.csv"
+PAPER = "references/paper.json"
 SHOWN_EPS_ATTACK = 0.1  # the paper's headline attack radius
 
 
@@ -132,15 +133,28 @@ def figure(curves: pd.DataFrame, path: Path) -> None:
         setting=[f"sigma0={s:g}, {e} epochs, " + ("VAE" if t == 0 else f"eps_train={t:g}")
                  for s, e, t in zip(curves["sigma0"], curves["epochs"], curves["eps_train"])],
         drop=lambda c: c.groupby(["run", "eps_train"])["elbo_attacked"].transform("first") - c["elbo_attacked"])
+    curves["neg_elbo_attacked"] = -curves["elbo_attacked"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, y, title in ((axes[0], "elbo_attacked", "ELBO under attack (nats)"),
-                         (axes[1], "drop", "ELBO lost to the attack (nats, log scale)")):
-        sns.lineplot(data=curves, x="eps_attack", y=y, hue="setting", style="eps_train", marker="o", ax=ax)
+    for ax, y, title in ((axes[0], "neg_elbo_attacked", "-ELBO under attack (nats, log scale; lower is better)"),
+                         (axes[1], "drop", "ELBO lost to the attack (nats, symlog scale)")):
+        sns.lineplot(data=curves, x="eps_attack", y=y, hue="setting", marker="o", ax=ax)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("eps_attack (l_inf)")
+        ax.set_ylabel("nats")
         ax.legend(fontsize=7)
-    axes[0].set_yscale("symlog", linthresh=10)
+    paper = json.loads(Path(PAPER).read_text())["figure2_mnist_eps_attack_0.1"]
+    for eps_train, marker in (("0.0", "*"), ("0.1", "X")):
+        values = paper[eps_train]
+        name = "VAE" if eps_train == "0.0" else f"eps_train={eps_train}"
+        axes[0].plot([0.0, SHOWN_EPS_ATTACK], [-values["clean"], -values["attacked"]], "k", linestyle=":",
+                     marker=marker, markersize=10, label=f"paper's {name} (Fig. 2)")
+        axes[1].plot([SHOWN_EPS_ATTACK], [values["clean"] - values["attacked"]], "k", marker=marker, markersize=10,
+                     linestyle="none", label=f"paper's {name} (Fig. 2)")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    axes[0].set_yscale("log")
     axes[1].set_yscale("symlog", linthresh=1)
+    axes[1].set_ylim(bottom=0)
     fig.suptitle("sigma0 sweep, MNIST: a smaller sigma0 weights reconstruction by 1/(2 sigma0^2)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
