@@ -86,14 +86,16 @@ def collect_rows(eps_grid: list[float]) -> tuple[pd.DataFrame, pd.DataFrame]:
     summary, curves = [], []
     for label, commit in runs():
         params = yaml.safe_load(read_at(commit, "params.yaml"))
+        # An experiment commit's parent is its baseline: only the files it changed are its own results.
+        changed = None if label.startswith("baseline") else set(git("diff", "--name-only", f"{commit}^", commit).split())
         for eps in eps_grid:
+            if changed is not None and EVAL_METRICS.format(dataset=DATASET, eps=eps) not in changed:
+                continue
             metrics_text = read_at(commit, EVAL_METRICS.format(dataset=DATASET, eps=eps))
             curve_text = read_at(commit, CURVE.format(dataset=DATASET, eps=eps))
             if metrics_text is None or curve_text is None:
                 continue
             metrics = json.loads(metrics_text)
-            if metrics["sigma0"] != params["model"]["sigma0"]:
-                continue  # an output left from another sigma0: this run did not re-evaluate that model
             run = {"run": label, "commit": commit[:10], "sigma0": metrics["sigma0"], "epochs": params["train"]["epochs"],
                    "eps_train": eps}
             curve = pd.read_csv(pd.io.common.StringIO(curve_text))
