@@ -29,6 +29,15 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def override_value(value) -> str:
+    """A value in DVC's `-S` (Hydra) override grammar: like JSON, but dict keys are bare words."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {override_value(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(override_value(item) for item in value) + "]"
+    return json.dumps(value)  # numbers, null, true/false, and strings in double quotes
+
+
 def merge(base: dict, override: dict) -> dict:
     merged = dict(base)
     for key, value in override.items():
@@ -53,10 +62,9 @@ def main() -> None:
     if args.write:
         Path(args.params).write_text(yaml.safe_dump(merged, sort_keys=False, default_flow_style=None))
         return
-    # JSON is valid YAML flow style: lists, numbers, null and booleans read back unchanged.
     command = ["dvc", "exp", "run"]
     for key, value in flatten(override).items():
-        command += ["-S", f"{key}={json.dumps(value)}"]
+        command += ["-S", f"{key}={override_value(value)}"]
     if args.run:
         sys.exit(subprocess.call(command))
     print(shlex.join(command))
