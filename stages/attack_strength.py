@@ -16,11 +16,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 from common import eps_value, load_params
-from evaluate import attack_batch
+from evaluate import attack_batch, load_for_evaluation
 
-from provae.data import DataError, load_prepared
-from provae.model import load_checkpoint
-from provae.runtime import resolve_device, reuse_freed_memory, seed_everything
+from provae.data import DataError
 
 
 def main() -> None:
@@ -33,17 +31,9 @@ def main() -> None:
     params = load_params()
     evaluate, strength, seed = params["evaluate"], params["attack_strength"], params["seed"]
 
-    reuse_freed_memory()
-    seed_everything(seed)
-    device = resolve_device(evaluate["device"])
-    checkpoint = load_checkpoint(args.model, map_location=device)
-    model, meta = checkpoint.model.to(device), checkpoint.metadata
-    if meta["eps_train"] != args.eps_train:
-        raise ValueError(f"{args.model} was trained at eps {meta['eps_train']}, not {args.eps_train}")
-    data = load_prepared(args.data)
-    # The same seeded order as `evaluate`, so these images are the first of its attacked subset.
-    order = torch.randperm(data.test_images.shape[0], generator=torch.Generator().manual_seed(seed))
-    images = data.images("test", device)[order][: strength["examples"]]
+    loaded = load_for_evaluation(args.model, args.eps_train, args.data, evaluate["device"], seed)
+    model, meta = loaded.model, loaded.meta
+    images = loaded.test_images[: strength["examples"]]
 
     rows = []
     for eps in strength["eps_attack"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,37 @@ from common import eps_value, load_params, write_json
 
 from provae.attacks import expected_elbo, latent_attack, pgd_attack, worst_of
 from provae.bounds import elbo_lower_bound, kl_divergence
-from provae.data import DataError, load_prepared
+from provae.data import DataError, PreparedData, load_prepared
 from provae.model import load_checkpoint
 from provae.runtime import resolve_device, reuse_freed_memory, seed_everything
 from provae.training import mean_bound_and_elbo
 
 
 ATTACK_NAMES = ("none", "pgd", "latent")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    meta: dict
+    device: torch.device
+    data: PreparedData
+    test_images: torch.Tensor  # in the seeded order: `evaluate` attacks the first ones
+
+
+def load_for_evaluation(model_path, eps_train: float, data_path, device_name: str, seed: int) -> LoadedModel:
+    """The checkpoint, checked to be the eps_train model asked for, on its device, with its data.
+    `attack_strength` loads through here too, so it re-attacks exactly `evaluate`'s images."""
+    reuse_freed_memory()
+    seed_everything(seed)
+    device = resolve_device(device_name)
+    checkpoint = load_checkpoint(model_path, map_location=device)
+    model, meta = checkpoint.model.to(device), checkpoint.metadata
+    if meta["eps_train"] != eps_train:
+        raise ValueError(f"{model_path} was trained at eps {meta['eps_train']}, not {eps_train}")
+    data = load_prepared(data_path)
+    order = torch.randperm(data.test_images.shape[0], generator=torch.Generator().manual_seed(seed))
+    return LoadedModel(model, meta, device, data, data.images("test", device)[order])
 
 
 def attack_batch(model, x, eps, p, meta, generator) -> dict[str, torch.Tensor]:
@@ -99,17 +124,10 @@ def main() -> None:
     if p["example_eps_attack"] not in p["eps_attack"]:
         raise ValueError(f"evaluate.example_eps_attack={p['example_eps_attack']} must be one of evaluate.eps_attack")
 
-    reuse_freed_memory()
-    seed_everything(seed)
-    device = resolve_device(p["device"])
-    checkpoint = load_checkpoint(args.model, map_location=device)
-    model, meta = checkpoint.model.to(device), checkpoint.metadata
-    if meta["eps_train"] != args.eps_train:
-        raise ValueError(f"{args.model} was trained at eps {meta['eps_train']}, not {args.eps_train}")
-    data = load_prepared(args.data)
-    order = torch.randperm(data.test_images.shape[0], generator=torch.Generator().manual_seed(seed))
-    train_images = data.images("train", device)[: p["bound_train_examples"]]
-    test_images = data.images("test", device)[order]
+    loaded = load_for_evaluation(args.model, args.eps_train, args.data, p["device"], seed)
+    model, meta, device = loaded.model, loaded.meta, loaded.device
+    train_images = loaded.data.images("train", device)[: p["bound_train_examples"]]
+    test_images = loaded.test_images
 
     def certified(images):
         return mean_bound_and_elbo(model, images, args.eps_train, noise_samples=p["noise_samples"], sigma0=meta["sigma0"],
