@@ -73,8 +73,9 @@ def project(tmp_path_factory, env):
 
 def test_repro_runs_every_stage_and_writes_the_report(project):
     repo, output = project
-    assert ran_stages(output) == ["data@mnist", "train@mnist-0.0", "train@mnist-0.05", "evaluate@mnist-0.0",
-                                  "evaluate@mnist-0.05", "attack_strength@mnist-0.05", "report"]
+    assert sorted(ran_stages(output)) == sorted([
+        "data@mnist", "train@mnist-0.0", "train@mnist-0.05", "evaluate@mnist-0.0", "evaluate@mnist-0.05",
+        "attack_strength@mnist-0.05", "fixed_encoder@mnist-0.0", "fixed_encoder@mnist-0.05", "report"])
     table = (repo / "reports" / "table1.csv").read_text().splitlines()
     assert len(table) == 3 and table[0].startswith("dataset,data,eps_train,lb_train")
     for figure in ("fig1_adversarial_mnist", "fig2_reconstructions_mnist", "fig3_attack_curves", "fig4_samples_mnist",
@@ -106,13 +107,21 @@ def test_attack_strength_compares_each_setting_with_evaluates_own(project):
     assert (table["elbo_attacked"] >= table["bound"]).all()  # a stronger attack still never beats the certificate
 
 
+def test_fixed_encoder_drop_starts_at_zero_and_grows_with_eps_attack(project):
+    repo, _ = project
+    table = pd.read_csv(repo / "reports" / "fixed_encoder" / "mnist-eps0.05.csv")
+    assert table["fixed_encoder_drop"].iloc[0] == 0 and table["eps_attack"].iloc[0] == 0
+    assert table["fixed_encoder_drop"].is_monotonic_increasing  # a larger ball holds the smaller one
+    assert "## MNIST" in (repo / "reports" / "fixed_encoder.md").read_text()
+
+
 def test_adding_an_eps_value_runs_only_the_new_models(project, env):
     repo, _ = project
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["eps_train"].append(0.02)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     output = run(["dvc", "repro"], repo, env).stdout
-    assert sorted(ran_stages(output)) == ["evaluate@mnist-0.02", "report", "train@mnist-0.02"]
+    assert sorted(ran_stages(output)) == ["evaluate@mnist-0.02", "fixed_encoder@mnist-0.02", "report", "train@mnist-0.02"]
 
 
 def test_push_clone_pull_is_up_to_date(project, env, tmp_path):
