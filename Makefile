@@ -13,7 +13,7 @@ $(BIN)/dvc: requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet -r requirements.txt
 	touch $@
 
-.PHONY: reproduce test quick benchmark
+.PHONY: reproduce test quick benchmark audit
 reproduce: $(BIN)/dvc
 	PATH=$(abspath $(BIN)):$$PATH dvc repro
 
@@ -25,3 +25,7 @@ quick: $(BIN)/dvc
 
 benchmark: $(BIN)/dvc
 	$(BIN)/python benchmarks/step_times.py
+
+# Re-check the committed results on the CPU without retraining (README, "Auditing the results").
+audit: $(BIN)/dvc
+	$(BIN)/python scripts/audit.py

@@ -1,9 +1,11 @@
-"""Step-time benchmark: VAE vs proVAE training step, and a PGD step vs one ELBO fwd+bwd.
+"""Step-time benchmark: VAE vs proVAE training step, and PGD / APGD steps vs one ELBO fwd+bwd.
 
 Paper architecture (MNIST by default, or --dataset cifar10), batch 128, CPU, one process. Prints JSON (medians, in milliseconds).
-Targets (issue "Core"): proVAE / VAE step ratio <= 2.2; PGD step <= 1.3 x ELBO fwd+bwd.
+Targets (issue "Core"): proVAE / VAE step ratio <= 2.2; PGD step <= 1.3 x ELBO fwd+bwd; APGD step (EOT 1)
+<= 1.3 x ELBO fwd+bwd. An APGD step is the marginal cost of one more step: (run of --apgd-steps steps - run
+of 0 steps) / --apgd-steps. With EOT k it is compared with k ELBO fwd+bwd at the same batch (one per draw).
 
-    python benchmarks/step_times.py [--repeats 30] [--threads N]
+    python benchmarks/step_times.py [--repeats 30] [--threads N] [--apgd-steps 10] [--attacks-only]
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 import torch
 
 from provae import elbo, make_model
-from provae.attacks import _sign_gradient_descent
+from provae.attacks import _eot_objective, _sign_gradient_descent, apgd_minimize
 from provae.bounds import input_box
 from provae.runtime import reuse_freed_memory
 from provae.training import training_objective
@@ -43,6 +45,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--apgd-steps", type=int, default=10, help="steps per timed APGD run (>= 1)")
+    parser.add_argument("--eot", type=int, default=4, help="EOT draws for the second APGD timing")
+    parser.add_argument("--attacks-only", action="store_true", help="skip the training-step timings")
     parser.add_argument("--default-allocator", action="store_true",
                         help="skip reuse_freed_memory() (the stages call it; this shows its effect)")
     args = parser.parse_args()
@@ -74,22 +79,47 @@ def main() -> None:
     def pgd_step():
         _sign_gradient_descent(lambda v: elbo(model, v, noise), x, box.lower, box.upper, steps=1, step_size=0.01)
 
-    ms = median_ms({"vae": train_step(0.0), "provae": train_step(args.eps), "fwd_bwd": elbo_fwd_bwd, "pgd": pgd_step},
-                   args.repeats)
-    vae, provae, fwd_bwd, pgd = ms["vae"], ms["provae"], ms["fwd_bwd"], ms["pgd"]
-    print(json.dumps({
+    def apgd_run(eot_samples: int, steps: int):
+        objective = _eot_objective(model, noise, eot_samples, 1.0, generator)
+
+        def run():
+            apgd_minimize(objective, x, box.lower, box.upper, steps=steps, initial_step=2 * args.eps)
+        return run
+
+    if args.apgd_steps < 1:
+        parser.error("--apgd-steps must be >= 1")
+    functions = {} if args.attacks_only else {"vae": train_step(0.0), "provae": train_step(args.eps)}
+    functions.update({"fwd_bwd": elbo_fwd_bwd, "pgd": pgd_step})
+    for eot in (1, args.eot):
+        functions[f"apgd_eot{eot}_0"] = apgd_run(eot, 0)
+        functions[f"apgd_eot{eot}_n"] = apgd_run(eot, args.apgd_steps)
+    ms = median_ms(functions, args.repeats)
+    fwd_bwd, pgd = ms["fwd_bwd"], ms["pgd"]
+    result = {
         "dataset": args.dataset,
         "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
         "allocator_tuned": allocator_tuned,
         "torch": torch.__version__,
-        "vae_train_step_ms": round(vae, 2),
-        "provae_train_step_ms": round(provae, 2),
-        "provae_over_vae": round(provae / vae, 3),
+    }
+    if not args.attacks_only:
+        vae, provae = ms["vae"], ms["provae"]
+        result.update({
+            "vae_train_step_ms": round(vae, 2),
+            "provae_train_step_ms": round(provae, 2),
+            "provae_over_vae": round(provae / vae, 3),
+        })
+    result.update({
         "elbo_fwd_bwd_ms": round(fwd_bwd, 2),
         "pgd_step_ms": round(pgd, 2),
         "pgd_over_fwd_bwd": round(pgd / fwd_bwd, 3),
-    }, indent=2))
+        "apgd_steps_timed": args.apgd_steps,
+    })
+    for eot in (1, args.eot):
+        step = (ms[f"apgd_eot{eot}_n"] - ms[f"apgd_eot{eot}_0"]) / args.apgd_steps
+        result[f"apgd_eot{eot}_step_ms"] = round(step, 2)
+        result[f"apgd_eot{eot}_over_fwd_bwd_per_draw"] = round(step / (eot * fwd_bwd), 3)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ _EXPORTS = {
     "provae.model": ["VAE", "ModelConfig", "make_model", "load_model", "load_checkpoint", "save_checkpoint"],
     "provae.interval": ["Interval", "propagate"],
     "provae.bounds": ["elbo", "elbo_lower_bound", "input_box", "kl_divergence", "kl_upper_bound"],
-    "provae.attacks": ["pgd_attack", "latent_attack", "worst_of", "expected_elbo", "WorstCase"],
+    "provae.attacks": ["apgd_attack", "apgd_minimize", "attack_starts", "pgd_attack", "latent_attack", "worst_of",
+                       "expected_elbo", "mean_elbo_over", "WorstCase"],
+    "provae.linear_bounds": ["linear_bounds", "encoder_intervals", "decoder_interval", "crown_elbo_lower_bound"],
+    "provae.datasets": ["DatasetSpec", "register", "get_dataset", "dataset_names"],
     "provae.training": ["EpsSchedule", "train_epoch", "minibatches", "mean_bound_and_elbo", "NonFiniteLossError"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

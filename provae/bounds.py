@@ -76,13 +76,28 @@ def reconstruction_upper_bound(target: Interval, decoded: Interval) -> Tensor:
     return _sum_per_example(torch.maximum((target.upper - decoded.lower) ** 2, (decoded.upper - target.lower) ** 2))
 
 
-def input_box(x: Tensor, eps: float, clip: bool = True) -> Interval:
-    """B(x, eps) = {x' : ||x' - x||_inf <= eps}, intersected with [0, 1]^D when ``clip``."""
-    check_eps(eps)
-    lower, upper = x - eps, x + eps
+def input_box(x: Tensor, eps: float | Tensor, clip: bool = True) -> Interval:
+    """B(x, eps) = {x' : ||x' - x||_inf <= eps}, intersected with [0, 1]^D when ``clip``.
+
+    ``eps`` is one radius, or one per example (a tensor [B]): attacks batch several radii at once.
+    """
+    radius = per_example_radius(eps, x)
+    lower, upper = x - radius, x + radius
     if clip:
         lower, upper = lower.clamp(0.0, 1.0), upper.clamp(0.0, 1.0)
     return Interval(lower, upper)
+
+
+def per_example_radius(eps: float | Tensor, x: Tensor) -> float | Tensor:
+    """``eps`` checked, and shaped to broadcast against ``x`` [B, ...] when it is a tensor [B]."""
+    if not isinstance(eps, Tensor):
+        check_eps(eps)
+        return eps
+    if eps.shape != (x.shape[0],):
+        raise ValueError(f"per-example eps must have shape ({x.shape[0]},), got {tuple(eps.shape)}")
+    if not bool(torch.isfinite(eps).all() & (eps >= 0).all()):
+        raise ValueError("eps must be finite and >= 0 for every example")
+    return eps.to(dtype=x.dtype, device=x.device).view(-1, *([1] * (x.dim() - 1)))
 
 
 def check_eps(eps: float) -> None:
@@ -112,7 +127,7 @@ def elbo(model: VAE, x: Tensor, noise: Tensor, sigma0: float = 1.0) -> Tensor:
 
 
 def elbo_lower_bound(
-    model: VAE, x: Tensor, eps: float, noise: Tensor, sigma0: float = 1.0, clip: bool = True
+    model: VAE, x: Tensor, eps: float | Tensor, noise: Tensor, sigma0: float = 1.0, clip: bool = True
 ) -> Tensor:
     """LB_e(x, eps) = -R_U / (2 sigma0^2) - KL_U   (method.md, steps 1-6). [B]
 

@@ -10,6 +10,7 @@ The paper's "fully connected layer of 3136 units" is read as the flattened 64x7x
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,10 +45,30 @@ class ModelConfig:
         return (self.in_channels, self.image_size, self.image_size)
 
 
-DATASET_CONFIGS: dict[str, ModelConfig] = {
-    "mnist": ModelConfig(in_channels=1, image_size=28),
-    "cifar10": ModelConfig(in_channels=3, image_size=32),
-}
+class _RegistryConfigs(Mapping):
+    """Read-only view: dataset name -> its ``ModelConfig``, derived from the registry's image shape
+    (``provae.datasets``), so an entry registered at run time is here too."""
+
+    def __getitem__(self, name: str) -> ModelConfig:
+        from provae.datasets import get_dataset  # lazily: the registry imports the data readers
+
+        try:
+            return get_dataset(name).model_config
+        except ValueError as error:
+            raise KeyError(name) from error
+
+    def __iter__(self) -> Iterator[str]:
+        from provae.datasets import dataset_names
+
+        return iter(dataset_names())
+
+    def __len__(self) -> int:
+        from provae.datasets import dataset_names
+
+        return len(dataset_names())
+
+
+DATASET_CONFIGS: Mapping[str, ModelConfig] = _RegistryConfigs()
 
 
 class VAE(nn.Module):
@@ -97,10 +118,11 @@ class VAE(nn.Module):
 
 
 def make_model(dataset: str, **overrides) -> VAE:
-    """A freshly initialised VAE for ``"mnist"`` or ``"cifar10"``; ``overrides`` change config fields."""
-    if dataset not in DATASET_CONFIGS:
-        raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(DATASET_CONFIGS)}")
-    base = DATASET_CONFIGS[dataset]
+    """A freshly initialised VAE for a registered dataset (``provae.datasets``, e.g. ``"mnist"``);
+    ``overrides`` change config fields."""
+    from provae.datasets import get_dataset  # raises "unknown dataset 'x'; known: [...]"
+
+    base = get_dataset(dataset).model_config
     config = ModelConfig(**{**base.__dict__, **overrides})
     return VAE(config)
 

@@ -35,7 +35,7 @@ def fixed_encoder_elbo_drop(
     return scale * (worst - reconstruction_error(x, decoded))
 
 
-def residual_sign_attack(model: VAE, x: Tensor, eps: float, clip: bool = True) -> Tensor:
+def residual_sign_attack(model: VAE, x: Tensor, eps: float | Tensor, clip: bool = True) -> Tensor:
     """x' = the corner of B(x, eps) farthest, pixel by pixel, from the clean reconstruction g(mu(x)).
 
     One step, no gradient: the input that maximises ||x' - g||^2 with the reconstruction held

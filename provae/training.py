@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
@@ -44,8 +45,11 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def minibatches(data: Tensor, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Tensor]:
-    """Shuffled mini-batches of an in-memory tensor (cheaper than a DataLoader for small images)."""
-    order = torch.randperm(data.shape[0], generator=generator)
+    """Shuffled mini-batches of an in-memory tensor (cheaper than a DataLoader for small images).
+
+    The order is drawn on the CPU (the same on every device) and moved once per epoch.
+    """
+    order = torch.randperm(data.shape[0], generator=generator).to(data.device)
     for start in range(0, data.shape[0], batch_size):
         yield data[order[start : start + batch_size]]
 
@@ -83,26 +87,77 @@ def train_epoch(
     """One epoch of gradient ascent on the mean objective; eps follows ``schedule`` per step.
 
     Returns the epoch's mean objective and the eps reached. A non-finite loss raises
-    :class:`NonFiniteLossError` naming the epoch and batch, before any parameter is touched.
+    :class:`NonFiniteLossError` naming the epoch and batch. On the CPU it is caught before any
+    parameter is touched; on a GPU the check waits for the end of the epoch, since reading a loss
+    back every step would stall the device (the model is then never saved either way).
+    ``generator`` draws the noise and must live on the model's device.
     """
     model.train()
-    total, count, eps = 0.0, 0, schedule(epoch)
+    check_each_step = next(model.parameters()).device.type == "cpu"
+    total, count, eps, losses = 0.0, 0, schedule(epoch), []
     for step, x in enumerate(batches):
         eps = schedule(epoch + step / steps_per_epoch)
         noise = torch.randn((x.shape[0], model.latent_dim), generator=generator, device=x.device)
         objective = training_objective(model, x, eps, noise, sigma0, clean_weight, clip)
         loss = -objective.mean()
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at epoch {epoch}, batch {step} (eps={eps:.4g}); "
-                "try a lower learning rate or a longer eps warm-up/ramp"
-            )
+        if check_each_step and not torch.isfinite(loss):
+            raise _non_finite(loss.item(), epoch, step, eps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += objective.detach().sum().item()
+        total = total + objective.detach().sum()
         count += x.shape[0]
-    return {"objective": total / max(count, 1), "eps": eps}
+        losses.append(loss.detach())
+    if losses and not check_each_step:
+        finite = torch.isfinite(torch.stack(losses))
+        if not bool(finite.all()):
+            step = int((~finite).nonzero()[0])
+            raise _non_finite(losses[step].item(), epoch, step, schedule(epoch + step / steps_per_epoch))
+    return {"objective": float(total) / max(count, 1), "eps": eps}
+
+
+def _non_finite(loss: float, epoch: int, step: int, eps: float) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"non-finite training loss ({loss}) at epoch {epoch}, batch {step} (eps={eps:.4g}); "
+        "try a lower learning rate or a longer eps warm-up/ramp"
+    )
+
+
+@dataclass
+class TrainingState:
+    """What an interrupted training run needs to continue exactly where it stopped."""
+
+    epochs_done: int
+    model_state: dict
+    optimizer_state: dict
+    generator_states: dict[str, Tensor]  # name -> torch.Generator.get_state()
+    history: list[dict[str, float]]  # the metrics logged after each completed epoch
+    fingerprint: dict  # the run's settings: a state from other settings is never resumed
+
+
+def save_training_state(path, state: TrainingState) -> None:
+    """Written to a side file, then renamed: a run killed while saving keeps the previous state."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state.__dict__, partial)
+    partial.replace(path)
+
+
+def load_training_state(path, fingerprint: dict) -> tuple[TrainingState | None, str]:
+    """The saved state if it exists and belongs to a run with this ``fingerprint``; else None and why."""
+    path = Path(path)
+    if not path.is_file():
+        return None, f"no saved state at {path}"
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        state = TrainingState(**payload)
+    except Exception as error:  # a truncated or foreign file: start afresh rather than fail
+        return None, f"{path} is unreadable ({type(error).__name__}: {error})"
+    if state.fingerprint != fingerprint:
+        changed = sorted(k for k in {**fingerprint, **state.fingerprint} if fingerprint.get(k) != state.fingerprint.get(k))
+        return None, f"{path} belongs to a run with other settings ({', '.join(changed)})"
+    return state, f"resuming after epoch {state.epochs_done} from {path}"
 
 
 @torch.no_grad()

@@ -31,9 +31,11 @@ import seaborn as sns  # noqa: E402
 import yaml  # noqa: E402
 
 DATASET = "mnist"
+SEED = 0  # the sweep's models: seed 0 of the grid's naming
 PREFIX = "sweep-"
-EVAL_METRICS = "reports/eval/{dataset}-eps{eps}/metrics.json"
-CURVE = "reports/attack_curves/{dataset}-eps{eps}.csv"
+EVAL_METRICS = "reports/metrics/{dataset}-eps{eps}-seed{seed}.json"
+EVAL_DETAILS = "reports/eval/{dataset}-eps{eps}-seed{seed}/details.json"
+CURVE = "reports/attack_curves/{dataset}-eps{eps}-seed{seed}.csv"
 PAPER = "references/paper.json"
 SHOWN_EPS_ATTACK = 0.1  # the paper's headline attack radius
 
@@ -58,7 +60,7 @@ def queue(args) -> None:
     if unknown:
         sys.exit(f"eps_train {unknown} not in params.yaml's eps_train {params['eps_train']}")
     # Stage names carry the eps as Python prints the float (0.0, 0.1), as do the matrix's.
-    targets = [f"{stage}@{DATASET}-{eps}" for eps in args.eps_train for stage in ("train", "evaluate")]
+    targets = [f"{stage}@{DATASET}-{eps}-{SEED}" for eps in args.eps_train for stage in ("train", "evaluate")]
     for sigma0 in args.sigma0:
         if not sigma0 > 0:
             sys.exit(f"sigma0 must be > 0, got {sigma0}")
@@ -89,19 +91,22 @@ def collect_rows(eps_grid: list[float]) -> tuple[pd.DataFrame, pd.DataFrame]:
         # An experiment commit's parent is its baseline: only the files it changed are its own results.
         changed = None if label.startswith("baseline") else set(git("diff", "--name-only", f"{commit}^", commit).split())
         for eps in eps_grid:
-            if changed is not None and EVAL_METRICS.format(dataset=DATASET, eps=eps) not in changed:
+            paths = {name: pattern.format(dataset=DATASET, eps=eps, seed=SEED)
+                     for name, pattern in (("metrics", EVAL_METRICS), ("details", EVAL_DETAILS), ("curve", CURVE))}
+            if changed is not None and paths["metrics"] not in changed:
                 continue
-            metrics_text = read_at(commit, EVAL_METRICS.format(dataset=DATASET, eps=eps))
-            curve_text = read_at(commit, CURVE.format(dataset=DATASET, eps=eps))
-            if metrics_text is None or curve_text is None:
+            texts = {name: read_at(commit, path) for name, path in paths.items()}
+            if None in texts.values():
                 continue
-            metrics = json.loads(metrics_text)
-            run = {"run": label, "commit": commit[:10], "sigma0": metrics["sigma0"], "epochs": params["train"]["epochs"],
-                   "eps_train": eps, "clip": metrics["clip"], "eot": params["evaluate"]["eot_samples"]}
-            curve = pd.read_csv(pd.io.common.StringIO(curve_text))
+            metrics, details = json.loads(texts["metrics"]), json.loads(texts["details"])
+            ball = details["headline_ball"]
+            run = {"run": label, "commit": commit[:10], "sigma0": details["sigma0"], "epochs": params["train"]["epochs"],
+                   "eps_train": eps, "clip": details["train_clip"], "eot": params["evaluate"]["eot_samples"]}
+            curve = pd.read_csv(pd.io.common.StringIO(texts["curve"]))
+            curve = curve.assign(elbo_attacked=curve[f"elbo_attacked_{ball}"])
             attacked = curve.set_index("eps_attack")["elbo_attacked"]
-            summary.append({**run, **{key: metrics.get(key) for key in
-                                      ("elbo_test", "lb_test", "kl_test", "active_units", "attack_examples")},
+            summary.append({**run, **{key: metrics.get(key) for key in ("elbo_test", "lb_test", "kl_test", "active_units")},
+                            "attack_examples": details["attack_examples"],
                             "elbo_clean_subset": attacked.get(0.0), "elbo_attacked": attacked.get(SHOWN_EPS_ATTACK)})
             curves.append(curve.assign(**run))
     if not summary:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -38,3 +39,12 @@ def eps_value(text: str) -> float:
 
 def model_name(eps_train: float) -> str:
     return "VAE" if eps_train == 0 else f"proVAE eps_train={eps_train:g}"
+
+
+def file_md5(path: str | os.PathLike) -> str:
+    """MD5 of a file's bytes: the hash `dvc.lock` records, so a checkpoint can name the data it saw."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -68,6 +68,44 @@ def test_attacks_stay_in_the_ball_and_the_unit_cube_and_never_raise_the_elbo(nam
         assert (elbo(model, x_adv, noise) <= elbo(model, x, noise) + 1e-5).all()
 
 
+@pytest.mark.parametrize("name", list(ATTACKS))
+@pytest.mark.parametrize("clip", [True, False])
+def test_attacks_take_one_eps_per_example(name, clip):
+    model, x = small_model(), synthetic_images(6)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn((6, model.latent_dim), generator=g)
+    eps = torch.tensor([0.0, 0.05, 0.1, 0.2, 0.3, 0.5])
+    attack = ATTACKS[name]
+    if not clip:
+        attack = {
+            "pgd": lambda m, x, eps, n, g: pgd_attack(m, x, eps, n, steps=15, restarts=2, clip=False, generator=g),
+            "pgd_eot": lambda m, x, eps, n, g: pgd_attack(m, x, eps, n, steps=5, eot_samples=3, clip=False, generator=g),
+            "latent_kl": lambda m, x, eps, n, g: latent_attack(m, x, eps, n, objective="kl", steps=10, clip=False,
+                                                               generator=g),
+            "latent_mu": lambda m, x, eps, n, g: latent_attack(m, x, eps, n, objective="mu_shift", steps=10,
+                                                               clip=False, generator=g),
+        }[name]
+    x_adv = attack(model, x, eps, noise, g)
+    box = input_box(x, eps, clip)
+    assert ((x_adv >= box.lower) & (x_adv <= box.upper)).all()
+    assert torch.equal(x_adv[0], x[0])
+    if name.startswith("pgd"):  # the latent attacks need not lower this ELBO (they are scored by it)
+        assert not torch.equal(x_adv[1:], x[1:])
+    with torch.no_grad():
+        assert (elbo(model, x_adv, noise) <= elbo(model, x, noise) + 1e-5).all()
+
+
+def test_a_per_example_eps_is_the_same_attack_as_each_eps_alone():
+    """Fixed-noise PGD from the clean input is deterministic: batching radii changes nothing."""
+    model, x = small_model(), synthetic_images(4)
+    noise = torch.randn(4, model.latent_dim, generator=torch.Generator().manual_seed(0))
+    radii = [0.05, 0.1, 0.2, 0.3]
+    batched = pgd_attack(model, x, torch.tensor(radii), noise, steps=8, random_start=False)
+    for i, eps in enumerate(radii):
+        alone = pgd_attack(model, x[i : i + 1], eps, noise[i : i + 1], steps=8, random_start=False)
+        torch.testing.assert_close(batched[i : i + 1], alone)
+
+
 def test_pgd_lowers_the_elbo_of_a_real_model():
     model, x = small_model(), synthetic_images(8)
     noise = torch.randn(8, model.latent_dim)
@@ -99,9 +137,8 @@ def test_worst_of_takes_the_lowest_per_example():
     candidates = [x, pgd_attack(model, x, 0.2, noise, steps=10, generator=g)]
     result = worst_of(model, candidates, noise, score_samples=4, generator=torch.Generator().manual_seed(1))
 
-    # Every candidate is scored with the same fresh draws, seeded from the caller's generator.
-    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(1)))
-    fresh = torch.stack([expected_elbo(model, c, 4, generator=torch.Generator().manual_seed(seed)) for c in candidates])
+    # Every candidate is scored with the same fresh draws, from the caller's generator.
+    fresh = torch.stack([expected_elbo(model, c, 4, generator=torch.Generator().manual_seed(1)) for c in candidates])
     with torch.no_grad():
         same = torch.stack([elbo(model, c, noise) for c in candidates])
     torch.testing.assert_close(result.candidate_elbos, fresh)
@@ -109,6 +146,21 @@ def test_worst_of_takes_the_lowest_per_example():
     torch.testing.assert_close(result.attack_index, fresh.argmin(0))
     torch.testing.assert_close(result.x_adv, torch.stack(candidates)[fresh.argmin(0), torch.arange(6)])
     torch.testing.assert_close(result.elbo_same_noise, same.min(0).values)
+
+
+def test_worst_of_scores_with_the_draws_it_is_given():
+    model, x = small_model(), synthetic_images(5)
+    noise = torch.randn((5, model.latent_dim), generator=torch.Generator().manual_seed(0))
+    draws = torch.randn((3, 5, model.latent_dim), generator=torch.Generator().manual_seed(1))
+    candidates = [x, pgd_attack(model, x, 0.2, noise, steps=5, generator=torch.Generator().manual_seed(2))]
+    result = worst_of(model, candidates, noise, score_noise=draws)
+    with torch.no_grad():
+        by_hand = torch.stack([torch.stack([elbo(model, c, d) for d in draws]).mean(0) for c in candidates])
+    torch.testing.assert_close(result.candidate_elbos, by_hand)
+    # A subset of the examples with the matching subset of draws scores them the same: other runs
+    # (attack_strength, make audit) compare attacks on common random numbers.
+    subset = worst_of(model, [c[:2] for c in candidates], noise[:2], score_noise=draws[:, :2])
+    torch.testing.assert_close(subset.candidate_elbos, by_hand[:, :2])
 
 
 def test_latent_attack_raises_the_kl_when_the_elbo_is_all_kl():

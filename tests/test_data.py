@@ -45,7 +45,7 @@ def test_mirror_without_checksums_is_rejected(tmp_path):
 
 
 def test_missing_mirror_folder_is_named(tmp_path):
-    with pytest.raises(DataError, match="no folder cifar10-jpeg/"):
+    with pytest.raises(DataError, match="no folder cifar-10-batches-py/ or cifar10-jpeg/ for cifar10"):
         prepare("cifar10", tmp_path, tmp_path)
 
 

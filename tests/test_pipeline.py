@@ -4,6 +4,8 @@ Uses real MNIST from the offline mirror (`../shared/data`, or $PROVAE_DATA_MIRRO
 else a small generated IDX mirror.
 """
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -16,19 +18,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import write_idx_mirror
+from conftest import ROOT, copy_project, run
 
-ROOT = Path(__file__).resolve().parent.parent
-PROJECT_FILES = ["provae", "stages", "scripts", "profiles", "references", "dvc.yaml", "params.yaml",
-                 "pyproject.toml", ".gitignore"]
 pytestmark = pytest.mark.pipeline
-
-
-def run(args, cwd, env, check=True):
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def ran_stages(output: str) -> list[str]:
@@ -36,54 +28,40 @@ def ran_stages(output: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def mirror(tmp_path_factory):
-    configured = os.environ.get("PROVAE_DATA_MIRROR") or ROOT.parent / "shared" / "data"
-    if (Path(configured) / "mnist" / "SHA256SUMS").is_file():
-        return Path(configured).resolve()
-    return write_idx_mirror(tmp_path_factory.mktemp("mirror"))
-
-
-@pytest.fixture(scope="module")
-def env(mirror):
-    bin_dir = Path(sys.executable).parent
-    return {**os.environ, "DVC_NO_ANALYTICS": "1", "PROVAE_DATA_MIRROR": str(mirror),
-            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "GIT_AUTHOR_NAME": "test",
-            "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
-            "GIT_COMMITTER_EMAIL": "test@example.com"}
-
-
-@pytest.fixture(scope="module")
 def project(tmp_path_factory, env):
-    """A fresh git + DVC repo holding the project with the tiny profile, reproduced once."""
-    repo = tmp_path_factory.mktemp("project")
-    for name in PROJECT_FILES:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, repo / name)
-    run([sys.executable, "scripts/profile.py", "tiny", "--write"], repo, env)
-    run(["git", "init", "-q"], repo, env)
-    run(["dvc", "init", "-q"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "tiny profile"], repo, env)
+    """A fresh git + DVC repo holding the project with the tiny profile, reproduced once and committed."""
+    repo = copy_project(tmp_path_factory.mktemp("project"), env)
     first = run(["dvc", "repro"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "tiny results"], repo, env)
     return repo, first.stdout
 
 
 def test_repro_runs_every_stage_and_writes_the_report(project):
     repo, output = project
-    assert sorted(ran_stages(output)) == sorted([
-        "data@mnist", "train@mnist-0.0", "train@mnist-0.05", "evaluate@mnist-0.0", "evaluate@mnist-0.05",
-        "attack_strength@mnist-0.05", "fixed_encoder@mnist-0.0", "fixed_encoder@mnist-0.05", "report"])
+    models = ("mnist-0.0-0", "mnist-0.05-0")
+    assert sorted(ran_stages(output)) == sorted(
+        ["data@mnist", "report", "attack_strength@mnist-0.05-0"]
+        + [f"{stage}@{model}" for stage in ("train", "evaluate", "fixed_encoder", "certify") for model in models])
     table = (repo / "reports" / "table1.csv").read_text().splitlines()
-    assert len(table) == 3 and table[0].startswith("dataset,data,eps_train,lb_train")
+    assert len(table) == 3 and table[0].startswith("dataset,data,ball,eps_train,lb_train_mean,lb_train_std")
     for figure in ("fig1_adversarial_mnist", "fig2_reconstructions_mnist", "fig3_attack_curves", "fig4_samples_mnist",
-                   "training_curves"):
+                   "training_curves", "certified_radius"):
         assert (repo / "reports" / "figures" / f"{figure}.png").stat().st_size > 1000
-    assert re.search(r"^## MNIST.*, proVAE eps_train=0.05$", (repo / "reports" / "attack_strength.md").read_text(), re.M)
+    assert re.search(r"^## MNIST.*, proVAE eps_train=0.05, seed 0$", (repo / "reports" / "attack_strength.md").read_text(), re.M)
     provenance = yaml.safe_load((repo / "reports" / "data" / "mnist.json").read_text())
     assert provenance["source"] == "mirror" and provenance["jpeg_copy"] is False
+
+
+def test_figures_carry_their_provenance(project):
+    from PIL import Image
+
+    repo, _ = project
+    text = Image.open(repo / "reports" / "figures" / "fig3_attack_curves.png").text
+    md5 = hashlib.md5((repo / "models" / "mnist" / "eps0.05-seed0.pt").read_bytes()).hexdigest()
+    assert f"mnist-eps0.05-seed0 md5:{md5}" in text["Models"]
+    assert json.loads(text["Params"]) == yaml.safe_load((repo / "params.yaml").read_text())
+    assert md5 in (repo / "reports" / "README.md").read_text()
 
 
 def test_status_is_clean_after_repro(project, env):
@@ -91,52 +69,188 @@ def test_status_is_clean_after_repro(project, env):
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo, env).stdout
 
 
-def test_certificate_audit_ran_and_passed(project):
+def test_certificate_audit_ran_and_passed_in_both_balls(project):
     repo, _ = project
-    metrics = yaml.safe_load((repo / "reports" / "eval" / "mnist-eps0.05" / "metrics.json").read_text())
-    assert metrics["audit"]["violations"] == 0
-    assert metrics["lb_test"] <= metrics["elbo_test"]
+    metrics = json.loads((repo / "reports" / "metrics" / "mnist-eps0.05-seed0.json").read_text())
+    assert metrics["violations"] == 0
+    assert metrics["lb_test"] <= metrics["lb_test_clipped"] <= metrics["elbo_test"]  # the clipped ball is smaller
+    curve = pd.read_csv(repo / "reports" / "attack_curves" / "mnist-eps0.05-seed0.csv")
+    for ball in ("unclipped", "clipped"):
+        assert (curve[f"elbo_attacked_{ball}"] >= curve[f"bound_{ball}"]).all()
+    # Valid images are a subset of the unclipped ball: its attacks reach at least as low.
+    assert (curve["elbo_attacked_unclipped"] <= curve["elbo_attacked_clipped"] + 0.5).all()
 
 
-def test_attack_strength_compares_each_setting_with_evaluates_own(project):
+def test_metrics_show_one_row_per_model(project, env):
     repo, _ = project
-    table = pd.read_csv(repo / "reports" / "attack_strength" / "mnist-eps0.05.csv")
+    rows = [line for line in run(["dvc", "metrics", "show"], repo, env).stdout.splitlines()
+            if line.startswith("reports/metrics/")]
+    assert [row.split()[0] for row in rows] == ["reports/metrics/mnist-eps0.0-seed0.json",
+                                                "reports/metrics/mnist-eps0.05-seed0.json"]
+
+
+def test_attack_strength_compares_every_challenger_with_the_curve(project):
+    repo, _ = project
+    table = pd.read_csv(repo / "reports" / "attack_strength" / "mnist-eps0.05-seed0.csv")
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    assert table["pgd_steps"].tolist() == [params["evaluate"]["pgd_steps"], 10]  # tiny: evaluate's 5, then 10
-    assert table["change_vs_evaluate"].iloc[0] == 0
-    assert (table["elbo_attacked"] >= table["bound"]).all()  # a stronger attack still never beats the certificate
+    strength = params["attack_strength"]
+    names = list(strength["challengers"]) + list(strength["cheaper"])
+    attacked = [e for e in params["evaluate"]["eps_attack"] if e > 0]
+    assert sorted(zip(table["ball"], table["eps_attack"], table["challenger"])) == sorted(
+        (ball, eps, name) for ball in ("unclipped", "clipped") for eps in attacked for name in names)
+    assert table.loc[table["challenger"].isin(strength["cheaper"]), "gated"].eq(False).all()
+    assert not table["beats_curve"].any()  # the stage passed, so no gated challenger beat the curve
+
+
+def test_attack_strength_fails_when_a_challenger_beats_the_curve(project, env, tmp_path):
+    """A negative tolerance makes every challenger 'beat' the curve: the stage must fail and say which."""
+    repo, _ = project
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["attack_strength"].update(tolerance_nats=-1.0e9, tolerance_relative=0.0)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        result = run(["dvc", "repro", "attack_strength@mnist-0.05-0"], repo, env, check=False)
+    finally:
+        run(["git", "checkout", "params.yaml", "reports", "dvc.lock"], repo, env)
+    assert result.returncode != 0
+    assert "a challenger beat the attack curve" in result.stderr + result.stdout
+    assert "apgd_4x_steps" in result.stderr + result.stdout
+
+
+def test_certify_bounds_both_methods_soundly_and_the_relaxation_is_never_looser(project):
+    repo, _ = project
+    folder = repo / "reports" / "certify" / "mnist-eps0.05-seed0"
+    bounds = pd.read_csv(folder / "bounds.csv").set_index(["ball", "eps_attack", "method"])["bound"].unstack("method")
+    assert set(bounds.columns) == {"ibp", "crown"}
+    assert (bounds["crown"] >= bounds["ibp"] - 1e-3).all()
+    assert pd.read_csv(folder / "bounds.csv")["violations"].eq(0).all()  # the stage passed its audit
+    radii = pd.read_csv(folder / "radii.csv").set_index(["image", "tau", "method"])["radius"].unstack("method")
+    assert ((radii >= 0) & (radii <= 0.1)).all().all()  # tiny's largest eps_attack
+    assert (radii["crown"] >= radii["ibp"]).all()  # a tighter bound certifies at least as far
+    assert "## MNIST" in (repo / "reports" / "certify.md").read_text()
 
 
 def test_fixed_encoder_drop_starts_at_zero_and_grows_with_eps_attack(project):
     repo, _ = project
-    table = pd.read_csv(repo / "reports" / "fixed_encoder" / "mnist-eps0.05.csv")
-    assert table["fixed_encoder_drop"].iloc[0] == 0 and table["eps_attack"].iloc[0] == 0
-    assert table["fixed_encoder_drop"].is_monotonic_increasing  # a larger ball holds the smaller one
+    table = pd.read_csv(repo / "reports" / "fixed_encoder" / "mnist-eps0.05-seed0.csv")
+    for _, part in table.groupby("ball"):
+        assert part["fixed_encoder_drop"].iloc[0] == 0 and part["eps_attack"].iloc[0] == 0
+        assert part["fixed_encoder_drop"].is_monotonic_increasing  # a larger ball holds the smaller one
     assert "## MNIST" in (repo / "reports" / "fixed_encoder.md").read_text()
 
 
-def test_adding_an_eps_value_runs_only_the_new_models(project, env):
+def test_adding_an_eps_value_or_a_seed_runs_only_the_new_models(project, env):
     repo, _ = project
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["eps_train"].append(0.02)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    output = run(["dvc", "repro"], repo, env).stdout
-    assert sorted(ran_stages(output)) == ["evaluate@mnist-0.02", "fixed_encoder@mnist-0.02", "report", "train@mnist-0.02"]
+    try:
+        output = run(["dvc", "repro", "--dry"], repo, env).stdout
+        assert sorted(ran_stages(output)) == ["certify@mnist-0.02-0", "evaluate@mnist-0.02-0",
+                                              "fixed_encoder@mnist-0.02-0", "report", "train@mnist-0.02-0"]
+        params["eps_train"].pop()
+        params["seeds"].append(1)
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        output = run(["dvc", "repro", "--dry"], repo, env).stdout
+        # attack_strength runs for its own list of models only.
+        assert sorted(ran_stages(output)) == sorted(["report"] + [f"{stage}@mnist-{eps}-1" for stage in (
+            "train", "evaluate", "fixed_encoder", "certify") for eps in ("0.0", "0.05")])
+    finally:
+        run(["git", "checkout", "params.yaml"], repo, env)
 
 
-def test_push_clone_pull_is_up_to_date(project, env, tmp_path):
+def audit(repo, env, *skip):
+    return run([sys.executable, "scripts/audit.py", *(["--skip", *skip] if skip else [])], repo, env, check=False)
+
+
+def test_audit_passes_on_the_committed_results(project, env):
     repo, _ = project
-    remote = tmp_path / "remote"
-    run(["dvc", "remote", "add", "-d", "local", str(remote)], repo, env)
-    run(["dvc", "push"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "results"], repo, env)
+    result = audit(repo, env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for check in ("checkpoint models/mnist/eps0.05-seed0.pt: md5", "report: reports/figures/fig3_attack_curves.png",
+                  "certificate mnist-eps0.05-seed0", "fresh attack mnist-eps0.05-seed0", "re-run mnist-eps0.0-seed0"):
+        assert check in result.stdout
+    assert run(["git", "status", "--porcelain"], repo, env).stdout == ""  # it wrote nothing
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("flip a byte", r"checkpoint models/mnist/eps0.05-seed0.pt: md5 .*FAIL"),
+    ("truncate", r"checkpoint models/mnist/eps0.05-seed0.pt: loads .*FAIL"),
+])
+def test_audit_names_a_damaged_checkpoint(project, env, damage, expected):
+    repo, _ = project
+    path = repo / "models" / "mnist" / "eps0.05-seed0.pt"
+    original = path.read_bytes()
+    data = bytearray(original)
+    if damage == "flip a byte":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        del data[len(data) // 2 :]
+    path.write_bytes(bytes(data))
+    try:
+        result = audit(repo, env, "report", "certificate", "fresh_attack", "rerun")
+    finally:
+        path.write_bytes(original)
+    assert result.returncode == 1 and re.search(expected, result.stdout)
+
+
+def test_audit_names_an_edited_figure_and_a_changed_param(project, env):
+    repo, _ = project
+    figure = repo / "reports" / "figures" / "fig4_samples_mnist.png"
+    params_path = repo / "params.yaml"
+    original_figure, original_params = figure.read_bytes(), params_path.read_text()
+    figure.write_bytes(original_figure + b"edited")
+    params = yaml.safe_load(original_params)
+    params["train"]["lr"] = 0.5
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        result = audit(repo, env, "certificate", "fresh_attack", "rerun")
+    finally:
+        figure.write_bytes(original_figure)
+        params_path.write_text(original_params)
+    assert result.returncode == 1
+    assert re.search(r"report: reports/figures/fig4_samples_mnist.png .*differs .*FAIL", result.stdout)
+    assert re.search(r"checkpoint models/mnist/eps0.05-seed0.pt: metadata .*train_params.*FAIL", result.stdout)
+    assert re.search(r"train@mnist-0.05-0: params .*params.yaml changed: train.*FAIL", result.stdout)
+
+
+def test_branches_compare_params_metrics_and_plots(project, env):
+    """Two branches that differ in one param: DVC's diffs show the param, the metrics it moved, the plots."""
+    repo, _ = project
+    base = run(["git", "rev-parse", "--abbrev-ref", "HEAD"], repo, env).stdout.strip()
+    run(["git", "checkout", "-qb", "fewer-attack-steps"], repo, env)
+    try:
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["evaluate"]["apgd_steps"] = 1
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        ran = ran_stages(run(["dvc", "repro"], repo, env).stdout)
+        assert "evaluate@mnist-0.05-0" in ran and not any(stage.startswith("train@") for stage in ran)
+        run(["git", "add", "-A"], repo, env)
+        run(["git", "commit", "-qm", "one APGD step"], repo, env)
+
+        params_diff = run(["dvc", "params", "diff", base], repo, env).stdout
+        assert re.search(r"evaluate\.apgd_steps\s+5\s+1", params_diff)
+        metrics_diff = run(["dvc", "metrics", "diff", base], repo, env).stdout
+        assert re.search(r"reports/metrics/mnist-eps0.05-seed0.json\s+attacked_elbo_eps0_1\s", metrics_diff)
+        assert "lb_test " not in metrics_diff  # the certificate did not move: only what the attack changed
+        out = repo / "plots_diff"
+        run(["dvc", "plots", "diff", base, "-o", str(out)], repo, env)
+        page = (out / "index.html").read_text()
+        assert "attack_curves" in page and "elbo_attacked_unclipped" in page
+    finally:
+        run(["git", "checkout", "-q", base], repo, env)
+        run(["dvc", "checkout", "-q"], repo, env, check=False)
+
+
+def test_a_clone_gets_the_models_and_only_prepares_the_data(project, env, tmp_path):
+    """Models travel in git: a fresh clone with the data mirror runs the data stage alone."""
+    repo, _ = project
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
-    run(["dvc", "pull"], clone, env)
     output = run(["dvc", "repro"], clone, env).stdout
-    assert ran_stages(output) == []
+    assert ran_stages(output) == ["data@mnist"]
     assert "Data and pipelines are up to date" in run(["dvc", "status"], clone, env).stdout
+    assert run(["git", "status", "--porcelain"], clone, env).stdout == ""
 
 
 def test_data_stage_rejects_a_corrupted_file(mirror, env, tmp_path):
@@ -157,9 +271,9 @@ def test_data_stage_rejects_a_corrupted_file(mirror, env, tmp_path):
 
 
 def test_data_stage_rejects_an_unknown_dataset(env, tmp_path):
-    result = run([sys.executable, str(ROOT / "stages" / "data.py"), "--dataset", "svhn", "--out", str(tmp_path / "x"),
+    result = run([sys.executable, str(ROOT / "stages" / "data.py"), "--dataset", "imagenet", "--out", str(tmp_path / "x"),
                   "--provenance", str(tmp_path / "p.json"), "--download-root", str(tmp_path)], ROOT, env, check=False)
-    assert result.returncode != 0 and "unknown dataset 'svhn'" in result.stderr
+    assert result.returncode != 0 and "unknown dataset 'imagenet'" in result.stderr
 
 
 def test_train_stage_rejects_negative_eps(env, tmp_path):
@@ -184,8 +298,9 @@ def test_sigma0_sweep_queues_experiments_and_collects_them_beside_the_baseline(p
     run([sys.executable, "scripts/sigma0_sweep.py", "collect"], repo, env)
     table = pd.read_csv(repo / "reports" / "sigma0_sweep" / "sweep.csv")
     vae = table[table["eps_train"] == 0].set_index("sigma0")
-    assert sorted(vae.index) == [0.5, 1.0]
-    assert vae.loc[0.5, "run"] == "sweep-sigma0-0.5" and vae.loc[1.0, "run"] == "baseline (HEAD)"
-    # Reconstruction weighs 1/(2 sigma0^2): four times more at 0.5, so a lower ELBO.
-    assert vae.loc[0.5, "elbo_test"] < vae.loc[1.0, "elbo_test"]
+    baseline = round(yaml.safe_load((repo / "params.yaml").read_text())["model"]["sigma0"], 4)  # the CSV's rounding
+    assert sorted(vae.index) == [0.5, baseline]
+    assert vae.loc[0.5, "run"] == "sweep-sigma0-0.5" and vae.loc[baseline, "run"] == "baseline (HEAD)"
+    # Reconstruction weighs 1/(2 sigma0^2): twice as much at 0.5 as at 1/sqrt(2), so a lower ELBO.
+    assert vae.loc[0.5, "elbo_test"] < vae.loc[baseline, "elbo_test"]
     assert (repo / "reports" / "sigma0_sweep" / "sweep.png").stat().st_size > 1000

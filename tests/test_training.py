@@ -85,8 +85,8 @@ def test_paper_architecture_shapes(dataset, shape):
 
 
 def test_unknown_dataset_is_rejected():
-    with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
-        make_model("svhn")
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+        make_model("imagenet")
 
 
 def test_checkpoint_round_trip(tmp_path):
