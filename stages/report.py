@@ -72,9 +72,12 @@ def show(stats: dict, digits: int = 2) -> str:
     return text if np.isnan(stats["std"]) else f"{text} ± {stats['std']:.{digits}f}"
 
 
-def separated(a: dict, b: dict) -> bool:
-    """True when the seed ranges of two cells do not overlap: a difference beyond the spread."""
-    return a["min"] > b["max"] or b["min"] > a["max"]
+def separated(a: dict, b: dict) -> bool | None:
+    """True when the seed ranges of two cells do not overlap: a difference beyond the spread.
+    None with fewer than two seeds on either side: there is no spread to judge against."""
+    if min(a["n"], b["n"]) < 2:
+        return None
+    return bool(a["min"] > b["max"] or b["min"] > a["max"])
 
 
 class Results:
@@ -185,8 +188,8 @@ def attack_curve_markdown(results: Results) -> str:
     """Attacked ELBO per eps_attack, mean ± std over seeds, and each robust model's difference to the VAE."""
     lines = ["# ELBO under attack (Figure 3 in numbers)", "",
              "Mean attacked ELBO (nats) on each model's attacked test subset, mean ± std over seeds. 'vs VAE': the "
-             "robust model's mean minus the VAE's; '*' marks a difference beyond the spread (the seed ranges do "
-             "not overlap), '≈' one within it.", ""]
+             "robust model's mean minus the VAE's; with two seeds or more, '*' marks a difference beyond the spread "
+             "(the seed ranges do not overlap) and '≈' one within it.", ""]
     for dataset in results.datasets:
         for ball in (results.headline, *[b for b in BALLS if b != results.headline]):
             eps_attack = list(results.curves[results.keys(dataset)[0]].index)
@@ -197,7 +200,8 @@ def attack_curve_markdown(results: Results) -> str:
                     stats = results.over_seeds(dataset, eps, lambda k, a=a: results.curves[k].loc[a, f"elbo_attacked_{ball}"])
                     vae = results.over_seeds(dataset, 0.0, lambda k, a=a: results.curves[k].loc[a, f"elbo_attacked_{ball}"])
                     row[f"{a:g}"] = show(stats)
-                    compare[f"{a:g}"] = f"{stats['mean'] - vae['mean']:+.2f} {'*' if separated(stats, vae) else '≈'}"
+                    mark = {True: " *", False: " ≈", None: ""}[separated(stats, vae)]
+                    compare[f"{a:g}"] = f"{stats['mean'] - vae['mean']:+.2f}{mark}"
                 rows.append(row)
                 if eps != 0:
                     rows.append(compare)
@@ -363,6 +367,16 @@ def certify_markdown(results: Results, shown_eps=(0.01, 0.05, 0.1)) -> str:
                                                    f"{tables[tables['method'] == 'crown']['seconds_per_image'].mean():.3f}")
                 rows.append(row)
             lines += [f"## {results.labels[dataset]}, {BALL_TITLES[ball]}", "", pd.DataFrame(rows).to_markdown(index=False), ""]
+        rows = []
+        for eps in results.eps_grid:
+            radii = pd.concat([pd.read_csv(results.patterns.path("certify", *k) / "radii.csv") for k in results.keys(dataset, eps)])
+            median = radii.groupby(["tau", "method"], sort=False)["radius"].median().unstack()
+            rows.append({"model": model_name(eps), **{f"ELBO drop <= {tau}": f"{median.loc[tau, 'ibp']:.4f} / {median.loc[tau, 'crown']:.4f}"
+                                                      for tau in median.index}})
+        lines += [f"## {results.labels[dataset]}: median certified radius, IBP / linear relaxation", "",
+                  f"The largest l_inf radius (in the {BALL_TITLES[results.headline]}) whose whole ball keeps the certified ELBO "
+                  "within tau of the clean one; 1/255 = 0.0039 is one grey level.", "",
+                  pd.DataFrame(rows).to_markdown(index=False), ""]
     return "\n".join(lines)
 
 

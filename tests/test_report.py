@@ -31,5 +31,6 @@ def test_a_dataset_without_paper_values_gets_no_paper_column():
 def test_spread_and_separation_over_seeds():
     low, high = spread([-75.5, -67.4, -72.6]), spread([-49.1, -50.0, -48.7])
     assert show(low) == "-71.83 ± 4.10" and low["n"] == 3  # sample std (n - 1)
-    assert separated(low, high) and not separated(low, spread([-70.0, -60.0]))
+    assert separated(low, high) is True and separated(low, spread([-70.0, -60.0])) is False
+    assert separated(spread([-75.5]), spread([-49.1])) is None  # one seed: nothing to judge against
     assert show(spread([-3.0])) == "-3.00"  # one seed: no spread to show
