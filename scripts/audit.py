@@ -160,8 +160,10 @@ def check_report(project: Project) -> list[Verdict]:
         for name in outputs:  # the copy must write them afresh
             target = temp / name
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        # The stage's `python` is this interpreter (its packages), however the audit was started.
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         result = subprocess.run(stage["cmd"], shell=True, cwd=temp, capture_output=True, text=True,
-                                env={**os.environ, "PYTHONPATH": str(temp)})
+                                env={**os.environ, "PYTHONPATH": str(temp), "PATH": path})
         if result.returncode != 0:
             return [Verdict("report re-run", "exit 0", f"exit {result.returncode}: {result.stderr.strip()[-400:]}", False)]
         verdicts = []
