@@ -1,7 +1,8 @@
-# Two commands on a fresh machine (README):
+# Three commands on a fresh machine (README):
 #   make reproduce   create .venv from requirements.txt, then `dvc repro` (the full reproduction)
 #   make test        create .venv from requirements.txt, then the test suite
-# Also: make quick (the <= 10 min profile as a DVC experiment), make benchmark.
+#   make audit       re-check the committed results on the CPU, without retraining
+# Also: make quick (a short profile as a DVC experiment), make benchmark.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from torch import nn
 
 from provae import elbo, expected_elbo, kl_divergence, latent_attack, pgd_attack, worst_of
 from provae.bounds import input_box

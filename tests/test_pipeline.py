@@ -6,13 +6,10 @@ else a small generated IDX mirror.
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
