@@ -507,6 +507,8 @@ def index_markdown(results: Results, entries: list[tuple[str, str, list]]) -> st
               "| data/*.json | provenance of each dataset (source, hashes, counts, pixel statistics) | |",
               "| training/ | training curves per model (DVCLive) | each |",
               "| eval/*/, attack_curves/*.csv | per-model evaluation: details, per-example values, certificate audit | each |",
+              "| certify/*/ | per-model certified bounds (IBP, linear relaxation) over eps_attack, and certified radii | each |",
+              "| gpu_run/ | the logs of the lent GPU's run (`scripts/run_grid.py`), as they came back: not made by this stage | |",
               "", "## Models", "",
               "| model | checkpoint md5 | trained on | training s | evaluated on | evaluation s |", "|---|---|---|---|---|---|"]
     for key in results.keys():
