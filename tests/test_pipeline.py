@@ -304,3 +304,8 @@ def test_sigma0_sweep_queues_experiments_and_collects_them_beside_the_baseline(p
     # Reconstruction weighs 1/(2 sigma0^2): twice as much at 0.5 as at 1/sqrt(2), so a lower ELBO.
     assert vae.loc[0.5, "elbo_test"] < vae.loc[baseline, "elbo_test"]
     assert (repo / "reports" / "sigma0_sweep" / "sweep.png").stat().st_size > 1000
+    # Another collection (the training-length one) goes to its own folder under its own heading.
+    run([sys.executable, "scripts/sigma0_sweep.py", "collect", "--out", "reports/training_length",
+         "--title", "Training length (MNIST)"], repo, env)
+    assert (repo / "reports" / "training_length" / "sweep.md").read_text().startswith("# Training length (MNIST)\n")
+    assert (repo / "reports" / "sigma0_sweep" / "sweep.md").read_text().startswith("# sigma0 sweep (MNIST)\n")
