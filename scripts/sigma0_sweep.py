@@ -1,18 +1,20 @@
-"""The sigma0 sweep on MNIST: DVC experiments that retrain and re-evaluate models at other values
-of sigma0 (the std of p(x|z)), collected beside the committed models into reports/sigma0_sweep/.
+"""The sigma0 sweep (MNIST unless --dataset says otherwise): DVC experiments that retrain and
+re-evaluate models at other values of sigma0 (the std of p(x|z)) or other settings, collected beside
+the committed models into reports/sigma0_sweep/.
 
     python scripts/sigma0_sweep.py queue --sigma0 0.5 0.3 0.1            # the VAE at each sigma0
     python scripts/sigma0_sweep.py queue --sigma0 0.3 --eps-train 0.0 0.1 # and a proVAE beside it
     python scripts/sigma0_sweep.py queue --sigma0 1.0 --set train.epochs=5 # training length instead
     dvc queue start --jobs 1 && dvc queue status                           # runs them, in order
     python scripts/sigma0_sweep.py collect
-    python scripts/sigma0_sweep.py collect --out reports/training_length --title "Training length (MNIST)"
+    python scripts/sigma0_sweep.py collect --out reports/training_length/mnist --title "Training length (MNIST)"
+    python scripts/sigma0_sweep.py queue --dataset cifar10 --sigma0 0.7071067811865476 --set train.epochs=50
 
-Experiments are named `sweep-sigma0-<value>[-<key><value>...]`; `collect` reads every such
-experiment's params, evaluation metrics and attack curves from its git commit, adds the
-committed models (HEAD) as the baseline, and writes a table and a figure. Experiment refs live
-only in this git repository (share them with `dvc exp push origin`); the collected files are
-what gets committed.
+Experiments are named `sweep-[<dataset>-]sigma0-<value>[-<key><value>...]` (no dataset part for
+MNIST); `collect` reads every such experiment's params, evaluation metrics and attack curves from
+its git commit, adds the committed models (HEAD) as the baseline, and writes a table and a figure.
+Experiment refs live only in this git repository (share them with `dvc exp push origin`); the
+collected files are what gets committed.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import yaml  # noqa: E402
 
-DATASET = "mnist"
 SEED = 0  # the sweep's models: seed 0 of the grid's naming
 PREFIX = "sweep-"
 EVAL_METRICS = "reports/metrics/{dataset}-eps{eps}-seed{seed}.json"
@@ -50,9 +51,11 @@ def read_at(commit: str, path: str) -> str | None:
     return result.stdout if result.returncode == 0 else None
 
 
-def experiment_name(sigma0: float, overrides: list[str]) -> str:
+def experiment_name(sigma0: float, overrides: list[str], dataset: str) -> str:
     suffix = "".join(f"-{key.split('.')[-1]}{value}" for key, value in (o.split("=", 1) for o in overrides))
-    return f"{PREFIX}sigma0-{sigma0:g}{suffix}"
+    # MNIST's experiments were named before other datasets could be swept: their names stay.
+    infix = "" if dataset == "mnist" else f"{dataset}-"
+    return f"{PREFIX}{infix}sigma0-{sigma0:g}{suffix}"
 
 
 def queue(args) -> None:
@@ -61,11 +64,13 @@ def queue(args) -> None:
     if unknown:
         sys.exit(f"eps_train {unknown} not in params.yaml's eps_train {params['eps_train']}")
     # Stage names carry the eps as Python prints the float (0.0, 0.1), as do the matrix's.
-    targets = [f"{stage}@{DATASET}-{eps}-{SEED}" for eps in args.eps_train for stage in ("train", "evaluate")]
+    if args.dataset not in params["datasets"]:
+        sys.exit(f"dataset {args.dataset!r} not in params.yaml's datasets {params['datasets']}")
+    targets = [f"{stage}@{args.dataset}-{eps}-{SEED}" for eps in args.eps_train for stage in ("train", "evaluate")]
     for sigma0 in args.sigma0:
         if not sigma0 > 0:
             sys.exit(f"sigma0 must be > 0, got {sigma0}")
-        command = ["dvc", "exp", "run", "--queue", "-n", experiment_name(sigma0, args.set),
+        command = ["dvc", "exp", "run", "--queue", "-n", experiment_name(sigma0, args.set, args.dataset),
                    "-S", f"model.sigma0={sigma0}"]
         for override in args.set:
             command += ["-S", override]
@@ -85,14 +90,14 @@ def runs() -> list[tuple[str, str]]:
     return found
 
 
-def collect_rows(eps_grid: list[float]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def collect_rows(eps_grid: list[float], dataset: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     summary, curves = [], []
     for label, commit in runs():
         params = yaml.safe_load(read_at(commit, "params.yaml"))
         # An experiment commit's parent is its baseline: only the files it changed are its own results.
         changed = None if label.startswith("baseline") else set(git("diff", "--name-only", f"{commit}^", commit).split())
         for eps in eps_grid:
-            paths = {name: pattern.format(dataset=DATASET, eps=eps, seed=SEED)
+            paths = {name: pattern.format(dataset=dataset, eps=eps, seed=SEED)
                      for name, pattern in (("metrics", EVAL_METRICS), ("details", EVAL_DETAILS), ("curve", CURVE))}
             if changed is not None and paths["metrics"] not in changed:
                 continue
@@ -111,7 +116,7 @@ def collect_rows(eps_grid: list[float]) -> tuple[pd.DataFrame, pd.DataFrame]:
                             "elbo_clean_subset": attacked.get(0.0), "elbo_attacked": attacked.get(SHOWN_EPS_ATTACK)})
             curves.append(curve.assign(**run))
     if not summary:
-        sys.exit("no evaluated models found at HEAD or in sweep experiments")
+        sys.exit(f"no evaluated {dataset} models found at HEAD or in sweep experiments")
     table = pd.DataFrame(summary)
     # One row per setting: a rerun of the same setting replaces the earlier one.
     table = table.drop_duplicates(["sigma0", "epochs", "eps_train", "clip", "eot"], keep="last")
@@ -137,7 +142,7 @@ def markdown(table: pd.DataFrame, title: str) -> str:
         shown[columns].to_markdown(index=False, floatfmt=".2f"), ""])
 
 
-def figure(curves: pd.DataFrame, path: Path, title: str) -> None:
+def figure(curves: pd.DataFrame, path: Path, title: str, dataset: str) -> None:
     """One panel per training setting: does a robust model end above the VAE trained beside it?"""
     curves = curves.assign(model=["VAE" if t == 0 else f"proVAE eps_train={t:g}" for t in curves["eps_train"]])
     models = sorted(curves["model"].unique(), key=lambda name: (name != "VAE", name))
@@ -147,11 +152,12 @@ def figure(curves: pd.DataFrame, path: Path, title: str) -> None:
     columns = min(4, len(settings))
     rows = -(-len(settings) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.8 * columns, 3.3 * rows), squeeze=False)
-    paper = json.loads(Path(PAPER).read_text())["figure2_mnist_eps_attack_0.1"]
+    # The paper prints attacked values (its Figure 2) for MNIST only.
+    paper = json.loads(Path(PAPER).read_text())["figure2_mnist_eps_attack_0.1"] if dataset == "mnist" else {}
     for ax, (sigma0, epochs, clip) in zip(axes.flat, settings.itertuples(index=False)):
         shown = curves[(curves["sigma0"] == sigma0) & (curves["epochs"] == epochs) & (curves["clip"] == clip)]
         sns.lineplot(data=shown, x="eps_attack", y="elbo_attacked", hue="model", palette=palette, marker="o", ax=ax)
-        for eps_train, marker in (("0.0", "*"), ("0.1", "X")):
+        for eps_train, marker in (("0.0", "*"), ("0.1", "X")) if paper else ():
             values = paper[eps_train]
             name = "VAE" if eps_train == "0.0" else f"eps_train={eps_train}"
             ax.plot([0.0, SHOWN_EPS_ATTACK], [values["clean"], values["attacked"]], "k", linestyle=":",
@@ -163,7 +169,8 @@ def figure(curves: pd.DataFrame, path: Path, title: str) -> None:
     for ax in axes.flat[len(settings):]:
         ax.set_visible(False)
     fig.suptitle(f"{title}: the attacked ELBO per training setting (a smaller sigma0 weights "
-                 "reconstruction by 1/(2 sigma0^2)); black: the paper's Figure 2 values", fontsize=10)
+                 "reconstruction by 1/(2 sigma0^2))" + ("; black: the paper's Figure 2 values" if paper else ""),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -171,13 +178,13 @@ def figure(curves: pd.DataFrame, path: Path, title: str) -> None:
 
 def collect(args) -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
-    table, curves = collect_rows([float(e) for e in params["eps_train"]])
+    table, curves = collect_rows([float(e) for e in params["eps_train"]], args.dataset)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "sweep.csv", index=False, float_format="%.4f")
     curves.to_csv(out / "curves.csv", index=False, float_format="%.6g")
     (out / "sweep.md").write_text(markdown(table, args.title))
-    figure(curves, out / "sweep.png", args.title)
+    figure(curves, out / "sweep.png", args.title, args.dataset)
     print(markdown(table, args.title))
 
 
@@ -186,11 +193,13 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     queued = commands.add_parser("queue", help="queue one DVC experiment per sigma0")
     queued.add_argument("--sigma0", type=float, nargs="+", required=True)
+    queued.add_argument("--dataset", default="mnist")
     queued.add_argument("--eps-train", type=float, nargs="+", default=[0.0])
     queued.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another param override")
     queued.set_defaults(run=queue)
     collected = commands.add_parser("collect", help="write reports/sigma0_sweep/ from the experiments")
     collected.add_argument("--out", default="reports/sigma0_sweep")
+    collected.add_argument("--dataset", default="mnist")
     collected.add_argument("--title", default="sigma0 sweep (MNIST)", help="heading of the table and the figure")
     collected.set_defaults(run=collect)
     args = parser.parse_args()

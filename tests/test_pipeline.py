@@ -276,6 +276,12 @@ def test_data_stage_rejects_an_unknown_dataset(env, tmp_path):
     assert result.returncode != 0 and "unknown dataset 'imagenet'" in result.stderr
 
 
+def test_sweep_refuses_a_dataset_outside_the_grid(env):
+    result = run([sys.executable, str(ROOT / "scripts" / "sigma0_sweep.py"), "queue", "--dataset", "svhn",
+                  "--sigma0", "1.0"], ROOT, env, check=False)
+    assert result.returncode != 0 and "dataset 'svhn' not in params.yaml's datasets" in result.stderr
+
+
 def test_train_stage_rejects_negative_eps(env, tmp_path):
     result = run([sys.executable, str(ROOT / "stages" / "train.py"), "--dataset", "mnist", "--eps-train", "-0.1",
                   "--data", str(tmp_path / "d.npz"), "--model", str(tmp_path / "m.pt"), "--live", str(tmp_path / "l")],
