@@ -309,6 +309,7 @@ def test_sigma0_sweep_queues_experiments_and_collects_them_beside_the_baseline(p
     assert vae.loc[0.5, "run"] == "sweep-sigma0-0.5" and vae.loc[baseline, "run"] == "baseline (HEAD)"
     # Reconstruction weighs 1/(2 sigma0^2): twice as much at 0.5 as at 1/sqrt(2), so a lower ELBO.
     assert vae.loc[0.5, "elbo_test"] < vae.loc[baseline, "elbo_test"]
+    assert table["median_drop"].notna().all()  # read from every run's per-example outputs
     assert (repo / "reports" / "sigma0_sweep" / "sweep.png").stat().st_size > 1000
     # Another collection (the training-length one) goes to its own folder under its own heading.
     run([sys.executable, "scripts/sigma0_sweep.py", "collect", "--out", "reports/training_length",
