@@ -509,6 +509,8 @@ def index_markdown(results: Results, entries: list[tuple[str, str, list]]) -> st
               "| eval/*/, attack_curves/*.csv | per-model evaluation: details, per-example values, certificate audit | each |",
               "| certify/*/ | per-model certified bounds (IBP, linear relaxation) over eps_attack, and certified radii | each |",
               "| gpu_run/ | the logs of the lent GPU's run (`scripts/run_grid.py`), as they came back: not made by this stage | |",
+              "| sigma0_sweep/, training_length/ | DVC experiments at other sigma0 or training lengths, beside the committed "
+              "models (`scripts/sigma0_sweep.py collect`): not made by this stage | their own |",
               "", "## Models", "",
               "| model | checkpoint md5 | trained on | training s | evaluated on | evaluation s |", "|---|---|---|---|---|---|"]
     for key in results.keys():
