@@ -24,6 +24,7 @@ import io
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -188,9 +189,9 @@ def figure(curves: pd.DataFrame, path: Path, title: str, dataset: str) -> None:
         ax.legend(fontsize=6)
     for ax in axes.flat[len(settings):]:
         ax.set_visible(False)
-    fig.suptitle(f"{title}: the attacked ELBO per training setting (a smaller sigma0 weights "
-                 "reconstruction by 1/(2 sigma0^2))" + ("; black: the paper's Figure 2 values" if paper else ""),
-                 fontsize=10)
+    suptitle = (f"{title}: the attacked ELBO per training setting (a smaller sigma0 weights reconstruction by "
+                "1/(2 sigma0^2))" + ("; black: the paper's Figure 2 values" if paper else ""))
+    fig.suptitle(textwrap.fill(suptitle, width=45 * columns), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
