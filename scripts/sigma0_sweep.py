@@ -50,18 +50,23 @@ def git(*args: str) -> str:
     return subprocess.run(["git", *args], check=True, capture_output=True, text=True).stdout
 
 
-def read_at(commit: str, path: str) -> str | None:
-    result = subprocess.run(["git", "show", f"{commit}:{path}"], capture_output=True, text=True)
+def bytes_at(commit: str, path: str) -> bytes | None:
+    result = subprocess.run(["git", "show", f"{commit}:{path}"], capture_output=True)
     return result.stdout if result.returncode == 0 else None
 
 
+def read_at(commit: str, path: str) -> str | None:
+    content = bytes_at(commit, path)
+    return None if content is None else content.decode()
+
+
 def median_drop(commit: str, path: str, ball: str, eps_attack: float) -> float:
-    """The median over images of the clean minus the attacked ELBO: the mean hides nothing of a
-    heavy tail (a few images whose KL explodes outside [0, 1]^D can move it by millions of nats)."""
-    result = subprocess.run(["git", "show", f"{commit}:{path}"], capture_output=True)
-    if result.returncode != 0:
+    """The median over images of the clean minus the attacked ELBO: a mean can be ruled by a heavy
+    tail (a few images whose ELBO explodes outside [0, 1]^D move it by millions of nats)."""
+    content = bytes_at(commit, path)
+    if content is None:
         return float("nan")  # an evaluation from before per-example outputs existed
-    arrays = np.load(io.BytesIO(result.stdout))
+    arrays = np.load(io.BytesIO(content))
     row = int(np.flatnonzero(np.isclose(arrays["eps_attack"], eps_attack))[0])
     return float(np.median(arrays[f"{ball}/elbo_clean"][row] - arrays[f"{ball}/elbo_attacked"][row]))
 
