@@ -2,7 +2,8 @@
 #   make reproduce   create .venv from requirements.txt, then `dvc repro` (the full reproduction)
 #   make test        create .venv from requirements.txt, then the test suite
 #   make audit       re-check the committed results on the CPU, without retraining
-# Also: make quick (a short profile as a DVC experiment), make benchmark.
+# Also: make quick (a short profile as a DVC experiment), make benchmark, make relock (re-lock a
+# refactor whose outputs are shown not to move; README).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,7 +15,7 @@ $(BIN)/dvc: requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet -r requirements.txt
 	touch $@
 
-.PHONY: reproduce test quick benchmark audit
+.PHONY: reproduce test quick benchmark audit relock
 reproduce: $(BIN)/dvc
 	PATH=$(abspath $(BIN)):$$PATH dvc repro
 
@@ -30,3 +31,8 @@ benchmark: $(BIN)/dvc
 # Re-check the committed results on the CPU without retraining (README, "Auditing the results").
 audit: $(BIN)/dvc
 	$(BIN)/python scripts/audit.py
+
+# Re-lock stages whose only change is code, once their outputs are shown not to move (README,
+# "Refactoring without recomputing"). `make relock ARGS=--dry-run` checks without committing.
+relock: $(BIN)/dvc
+	PATH=$(abspath $(BIN)):$$PATH python scripts/relock.py $(ARGS)

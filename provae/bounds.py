@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from .interval import Interval, interval_exp, propagate
+from .interval import Interval, interval_exp, overflow_to_vacuous, propagate
 from .model import VAE
 
 
@@ -41,6 +41,9 @@ def kl_upper_bound(mu: Interval, log_sigma: Interval) -> Tensor:
     """
     mu_sq = torch.maximum(mu.lower**2, mu.upper**2)
     h = torch.maximum(_kl_term(log_sigma.lower), _kl_term(log_sigma.upper))
+    # h(+inf) evaluates as inf - inf = NaN; its value is +inf (and nothing else makes NaN here:
+    # the interval ends are never NaN), so the bound becomes vacuous rather than NaN.
+    h = torch.where(torch.isnan(h), math.inf, h)
     return 0.5 * _sum_per_example(mu_sq + h - 1)
 
 
@@ -53,10 +56,11 @@ def latent_box(mu: Interval, log_sigma: Interval, noise: Tensor) -> Interval:
     """Box holding z = mu + sigma * e for all mu, log sigma in their intervals   (method.md, step 3).
 
     sigma * e is monotone in sigma with the sign of e, so its extremes are sigma_L e and sigma_U e.
+    Ends that overflow (mu_L = -inf plus sigma_L e = +inf gives NaN) come out vacuous, never NaN.
     """
     sigma = interval_exp(log_sigma)
     low_scale, high_scale = sigma.lower * noise, sigma.upper * noise
-    return Interval(
+    return overflow_to_vacuous(
         mu.lower + torch.minimum(low_scale, high_scale),
         mu.upper + torch.maximum(low_scale, high_scale),
     )

@@ -9,7 +9,8 @@ Which datasets exist, and where each one comes from, is the registry's business
 
 Whatever is read is verified (checksums, file headers and lengths, shapes, label ranges) and
 described in a provenance record (source, hashes, counts, pixel statistics). The readers below
-are generic in the file format; the file names and reference checksums come from the registry.
+are generic in the file format; the file names and reference checksums come from the registry,
+whose mirror layouts name their reader (``READERS``) and pass it those as options.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from provae.datasets import DatasetSpec
+from provae.datasets import DatasetSpec, MirrorLayout, Reader, get_dataset
+from provae.files import atomic_write
 
 MIRROR_ENV = "PROVAE_DATA_MIRROR"
 SPLITS = ("train", "test")
@@ -67,22 +68,11 @@ class PreparedData:
 
 def check_dataset_name(name: str) -> None:
     """Raise ``ValueError("unknown dataset 'name'; known: [...]")`` unless ``name`` is registered."""
-    from provae.datasets import get_dataset  # the registry imports this module's readers
-
     get_dataset(name)
 
 
 def _digest(data: bytes, algorithm: str) -> str:
     return hashlib.new(algorithm, data).hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, read in blocks (prepared files run to hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_verified(folder: Path, name: str) -> bytes:
@@ -121,7 +111,7 @@ def check_split(spec: DatasetSpec, split: str, images: np.ndarray, labels: np.nd
         raise DataError(f"{where}: labels outside 0..{spec.num_classes - 1}")
 
 
-# --- readers: (folder, spec) -> (arrays, {"files": ..., "genuine": ...}); the registry binds their options ---
+# --- readers: (folder, spec, **options) -> (arrays, {"files": ..., "genuine": ...}); the registry names them ---
 
 
 def parse_idx(raw: bytes, name: str) -> np.ndarray:
@@ -284,6 +274,21 @@ def read_image_npz(folder: Path, spec: DatasetSpec, *, filename: str) -> tuple[d
     return arrays, {"files": {filename: {"sha256": _digest(packed, "sha256")}}, "genuine": False}
 
 
+# The readers a mirror layout can name (``MirrorLayout.read``): provae.datasets imports none of them.
+READERS: dict[str, Reader] = {"idx_gz": read_idx_gz, "svhn_mat": read_svhn_mat, "cifar_pickle": read_cifar_pickle,
+                              "image_npz": read_image_npz}
+
+
+def reader_of(layout: MirrorLayout) -> Reader:
+    """The function that reads ``layout``: the reader it names, or the one it holds."""
+    if callable(layout.read):
+        return layout.read
+    if layout.read not in READERS:
+        raise ValueError(f"mirror layout {layout.folder!r} names an unknown reader {layout.read!r}; "
+                         f"known: {sorted(READERS)}")
+    return READERS[layout.read]
+
+
 # --- the two sources ---
 
 
@@ -327,7 +332,7 @@ def read_mirror(spec: DatasetSpec, mirror: Path) -> tuple[dict[str, np.ndarray],
     for layout in spec.mirrors:
         folder = mirror / layout.folder
         if folder.is_dir():
-            arrays, found = layout.read(folder, spec)
+            arrays, found = reader_of(layout)(folder, spec, **layout.options)
             label = layout.label or (spec.label if found["genuine"] else f"{spec.label} (non-canonical files)")
             return arrays, {"source": "mirror", **found, "jpeg_copy": layout.jpeg_copy, "label": label}
     folders = " or ".join(layout.folder + "/" for layout in spec.mirrors) or "(no mirror layout registered)"
@@ -342,8 +347,6 @@ def pixel_statistics(images: np.ndarray) -> dict:
 
 def prepare(name: str, mirror: str | os.PathLike | None, download_root: str | os.PathLike) -> PreparedData:
     """Read ``name`` from ``mirror`` (if given) or torchvision, verify it and describe it."""
-    from provae.datasets import get_dataset  # the registry imports this module's readers
-
     spec = get_dataset(name)
     if mirror:
         arrays, provenance = read_mirror(spec, Path(mirror))
@@ -361,13 +364,9 @@ def prepare(name: str, mirror: str | os.PathLike | None, download_root: str | os
 
 def save_prepared(data: PreparedData, path: str | os.PathLike) -> None:
     """Write an uncompressed .npz, byte-for-byte reproducible, atomically (no half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
     arrays = {key: value.numpy() for key, value in data.__dict__.items() if key != "provenance"}
-    with open(partial, "wb") as handle:
+    with atomic_write(path, "wb") as handle:
         np.savez(handle, provenance=np.array(json.dumps(data.provenance, sort_keys=True)), **arrays)
-    partial.replace(path)
 
 
 def load_prepared(path: str | os.PathLike) -> PreparedData:

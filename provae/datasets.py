@@ -2,11 +2,12 @@
 
 An entry (:class:`DatasetSpec`) says where the genuine data comes from (a class of
 ``torchvision.datasets``, which checks its archives' MD5 on download), what it holds (image
-shape ``(C, H, W)``, number of classes, the label shown in every output), which offline mirror
-layouts the data stage accepts under ``$PROVAE_DATA_MIRROR`` (:class:`MirrorLayout`: a folder
-and a reader from :mod:`provae.data`, tried in order; the first folder present is used), and,
-derived from the image shape, the paper's network (``ModelConfig(in_channels=C, image_size=H)``).
-No stage script names a dataset; registering an entry is all a new one needs::
+shape ``(C, H, W)``, number of classes, the label shown in every output), and which offline
+mirror layouts the data stage accepts under ``$PROVAE_DATA_MIRROR`` (:class:`MirrorLayout`: a
+folder and the reader of :mod:`provae.data` that reads it, by name, tried in order; the first
+folder present is used). The image shape is also the network's: :mod:`provae.model` builds the
+paper's network for it. No stage script names a dataset; registering an entry is all a new one
+needs::
 
     from provae.datasets import DatasetSpec, idx_gz_layout, register
 
@@ -16,41 +17,48 @@ No stage script names a dataset; registering an entry is all a new one needs::
         mirrors=(idx_gz_layout("grey16"),),  # $PROVAE_DATA_MIRROR/grey16/: four IDX .gz + SHA256SUMS
     ))
 
-Other layouts: ``MirrorLayout(folder, partial(reader, **options))`` with a reader of
-:mod:`provae.data` (``read_svhn_mat``, ``read_cifar_pickle``, ``read_image_npz``) or a new one.
+Other layouts: ``MirrorLayout(folder, reader, options)`` with the name of a reader of
+:mod:`provae.data` (``"idx_gz"``, ``"svhn_mat"``, ``"cifar_pickle"``, ``"image_npz"``; see
+``provae.data.READERS``) and its keyword options, or a new reader function itself.
 For the DVC pipeline the entry goes below (the stage scripts run in their own processes) and
 its name into ``datasets`` in params.yaml.
 
-A reader is ``read(folder, spec) -> (arrays, {"files": {...}, "genuine": bool})`` with uint8
-images ``{split}_images`` [N, C, H, W] and labels ``{split}_labels`` [N], checked against the
-entry; the data stage adds the source, the label and the statistics to the provenance.
+A reader is ``read(folder, spec, **options) -> (arrays, {"files": {...}, "genuine": bool})`` with
+uint8 images ``{split}_images`` [N, C, H, W] and labels ``{split}_labels`` [N], checked against
+the entry; the data stage adds the source, the label and the statistics to the provenance.
+
+This module is a leaf: it imports nothing of the package (the readers and the model import it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
-from pathlib import Path
 from typing import Callable, Mapping
 
-from provae.data import read_cifar_pickle, read_idx_gz, read_image_npz, read_svhn_mat
-
-Reader = Callable[[Path, "DatasetSpec"], tuple[dict, dict]]
+Reader = Callable[..., tuple[dict, dict]]  # read(folder: Path, spec: DatasetSpec, **options)
 
 
 @dataclass(frozen=True)
 class MirrorLayout:
     """One accepted layout of a dataset under ``$PROVAE_DATA_MIRROR``: ``folder/`` with the files
-    ``read`` expects plus a ``SHA256SUMS`` covering them.
+    the reader expects plus a ``SHA256SUMS`` covering them.
 
+    ``read`` names a reader of :mod:`provae.data` (a key of ``provae.data.READERS``), or is a
+    reader function; ``options`` are its keyword arguments (file names, reference checksums).
     ``label`` replaces the dataset's label for data read this way (a lossy copy must say so);
     ``jpeg_copy`` marks such a copy in the provenance.
     """
 
     folder: str
-    read: Reader
+    read: str | Reader
+    options: Mapping = field(default_factory=dict)
     label: str | None = None
     jpeg_copy: bool = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.read, str) or callable(self.read)):
+            raise ValueError(f"mirror layout {self.folder!r}: read must name a reader of provae.data or be one, "
+                             f"got {self.read!r}")
 
 
 @dataclass(frozen=True)
@@ -81,13 +89,6 @@ class DatasetSpec:
             raise ValueError(f"{self.name}: torchvision_split is 'train' or 'split', got {self.torchvision_split!r}")
         if self.torchvision is None and not self.mirrors:
             raise ValueError(f"{self.name}: give a torchvision class or at least one mirror layout")
-
-    @property
-    def model_config(self):
-        """The paper's architecture for these images (a ``provae.model.ModelConfig``)."""
-        from provae.model import ModelConfig  # lazily: the data stage does not depend on the model
-
-        return ModelConfig(in_channels=self.image_shape[0], image_size=self.image_shape[1])
 
     @property
     def torchvision_class(self):
@@ -164,7 +165,7 @@ SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 def idx_gz_layout(folder: str, canonical_md5: Mapping[str, str] | None = None) -> MirrorLayout:
     """``folder/`` with the MNIST family's four gzipped IDX files (torchvision's raw names) and SHA256SUMS;
     ``canonical_md5``: the published MD5 of each file (uncompressed, or ``name.gz`` for the .gz)."""
-    return MirrorLayout(folder, partial(read_idx_gz, canonical_md5=dict(canonical_md5 or {})))
+    return MirrorLayout(folder, "idx_gz", {"canonical_md5": dict(canonical_md5 or {})})
 
 
 for _spec in (
@@ -175,18 +176,18 @@ for _spec in (
     DatasetSpec("kmnist", "KMNIST", (1, 28, 28), 10, torchvision="KMNIST",
                 mirrors=(idx_gz_layout("kmnist", CANONICAL_KMNIST_MD5),)),
     DatasetSpec("svhn", "SVHN", (3, 32, 32), 10, torchvision="SVHN", torchvision_split="split", mirrors=(
-        MirrorLayout("svhn", partial(read_svhn_mat, files=SVHN_FILES, canonical_md5=CANONICAL_SVHN_MD5)),
+        MirrorLayout("svhn", "svhn_mat", {"files": SVHN_FILES, "canonical_md5": CANONICAL_SVHN_MD5}),
     )),
     DatasetSpec("cifar10", "CIFAR-10", (3, 32, 32), 10, torchvision="CIFAR10", mirrors=(
         # The genuine python batches first; else the lossy JPEG copy (shared/data), labelled so.
-        MirrorLayout("cifar-10-batches-py", partial(read_cifar_pickle, files=CIFAR10_BATCHES, label_key="labels",
-                                                    canonical_md5=CANONICAL_CIFAR10_MD5)),
-        MirrorLayout("cifar10-jpeg", partial(read_image_npz, filename="cifar10.npz"),
+        MirrorLayout("cifar-10-batches-py", "cifar_pickle", {"files": CIFAR10_BATCHES, "label_key": "labels",
+                                                             "canonical_md5": CANONICAL_CIFAR10_MD5}),
+        MirrorLayout("cifar10-jpeg", "image_npz", {"filename": "cifar10.npz"},
                      label="CIFAR-10 (JPEG copy)", jpeg_copy=True),
     )),
     DatasetSpec("cifar100", "CIFAR-100", (3, 32, 32), 100, torchvision="CIFAR100", mirrors=(
-        MirrorLayout("cifar-100-python", partial(read_cifar_pickle, files=CIFAR100_BATCHES, label_key="fine_labels",
-                                                 canonical_md5=CANONICAL_CIFAR100_MD5)),
+        MirrorLayout("cifar-100-python", "cifar_pickle", {"files": CIFAR100_BATCHES, "label_key": "fine_labels",
+                                                          "canonical_md5": CANONICAL_CIFAR100_MD5}),
     )),
 ):
     register(_spec)

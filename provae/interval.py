@@ -8,6 +8,7 @@ be bounded silently wrong (method.md, "Interval bound propagation").
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,16 +50,28 @@ class Interval:
         return bool(((x >= self.lower - tol) & (x <= self.upper + tol)).all())
 
 
+def overflow_to_vacuous(lower: Tensor, upper: Tensor) -> Interval:
+    """The interval [lower, upper], with every end that is not finite made vacuous (-inf, +inf).
+
+    An end that overflowed float32 (inf, or inf - inf = NaN, as in the center/radius form once an
+    input end is infinite) carries no information, and a NaN would turn the certificate into NaN;
+    the vacuous end holds for every value, so this stays sound. Finite ends are kept bit for bit.
+    """
+    return Interval(torch.nan_to_num(lower, nan=-math.inf, posinf=-math.inf, neginf=-math.inf),
+                    torch.nan_to_num(upper, nan=math.inf, posinf=math.inf, neginf=math.inf))
+
+
 def _affine(layer: nn.Module, x: Interval, apply: Callable[[Tensor, Tensor, Tensor | None], Tensor]) -> Interval:
     """Affine rule in center/radius form: c' = W c + b, r' = |W| r (paper eq. 12, cheaper form).
 
     With c = (u + l) / 2 and r = (u - l) / 2, the halving is folded into the (small) weight
     rather than applied to the (large) activations: c' = (W/2)(u + l) + b, r' = (|W|/2)(u - l).
+    Ends that overflow come out vacuous, never NaN (:func:`overflow_to_vacuous`).
     """
     half_weight = layer.weight / 2
     center = apply(x.upper + x.lower, half_weight, layer.bias)
     radius = apply(x.upper - x.lower, half_weight.abs(), None)
-    return Interval(center - radius, center + radius)
+    return overflow_to_vacuous(center - radius, center + radius)
 
 
 def _linear(layer: nn.Linear, x: Interval) -> Interval:
@@ -79,8 +92,14 @@ def _conv_transpose2d(layer: nn.ConvTranspose2d, x: Interval) -> Interval:
 
 
 def _elementwise(layer: nn.Module, x: Interval) -> Interval:
-    """Monotone maps (ReLU, Sigmoid) and reshapes (Flatten, Unflatten) act on both ends."""
+    """Monotone maps (Sigmoid) and reshapes (Flatten, Unflatten) act on both ends."""
     return x.map_increasing(layer)
+
+
+def _relu(layer: nn.ReLU, x: Interval) -> Interval:
+    """ReLU on both ends, always out of place: ``nn.ReLU(inplace=True)`` would overwrite the ends
+    it is given, which may be the caller's input box (a first layer) or a box kept for later."""
+    return x.map_increasing(torch.relu)
 
 
 def _sequential(layers: nn.Sequential, x: Interval) -> Interval:
@@ -93,7 +112,7 @@ _RULES: dict[type, Callable[[nn.Module, Interval], Interval]] = {
     nn.Linear: _linear,
     nn.Conv2d: _conv2d,
     nn.ConvTranspose2d: _conv_transpose2d,
-    nn.ReLU: _elementwise,
+    nn.ReLU: _relu,
     nn.Sigmoid: _elementwise,
     nn.Flatten: _elementwise,
     nn.Unflatten: _elementwise,

@@ -29,6 +29,10 @@ every method's bound is vacuous. ``benchmarks/bound_methods.py --decoder-backwar
 Every bound, intermediate or final, is clamped into IBP's box: it stays sound and is never looser
 than IBP (Zhang et al. 2020 found linear bounds can be looser on IBP-trained networks).
 
+The relaxed networks themselves (:class:`RelaxedNetwork` from :func:`encoder_relaxation` and
+:func:`decoder_relaxation`, and :func:`back_substitute_lower` through them) serve specifications
+other than a box: ``provae.elbo_relaxation`` bounds the ELBO itself with them.
+
 ReLU relaxation, for pre-activation bounds l < 0 < u: upper line through (l, 0) and (u, u);
 lower line y = x if u >= -l, else y = 0 (CROWN's adaptive choice, "CROWN-Ada" in Zhang et al.
 2018). Stable neurons are exact (identity or zero). A Sigmoid (monotone) is allowed only at the
@@ -53,7 +57,7 @@ from .bounds import (
     latent_box,
     reconstruction_upper_bound,
 )
-from .interval import Interval, propagate
+from .interval import Interval, overflow_to_vacuous, propagate
 from .model import VAE
 
 INTERMEDIATE = ("ibp", "crown")
@@ -84,13 +88,23 @@ def relu_relaxation(pre: Interval) -> Relaxation:
     Unstable (l < 0 < u): upper line through (l, 0) and (u, u): slope u / (u - l), intercept
     -l u / (u - l); lower slope 1 if u >= -l, else 0 (the one of the two with less area).
     Active (l >= 0): both lines are y. Inactive (u <= 0): both are 0.
+
+    The intercept is -l u / (u - l) as written wherever the product -l u is finite. Where it
+    overflows float32 (|l| u above ~3e38) it is max(-l s, (1 - s) u) for the computed slope s
+    instead: the same number in exact arithmetic, without the overflow (an infinite intercept
+    makes 0 * inf = NaN in back-substitution), and sound for any s in [0, 1] (the line is above
+    relu at both ends, so above it between them), even where u - l itself overflows and s = 0.
     """
     lower, upper = pre.lower, pre.upper
     unstable = (lower < 0) & (upper > 0)
     active = lower >= 0
     width = torch.where(unstable, upper - lower, torch.ones_like(upper))
     upper_slope = torch.where(unstable, upper / width, active.to(upper.dtype))
-    upper_intercept = torch.where(unstable, -lower * upper / width, torch.zeros_like(upper))
+    product = -lower * upper
+    # fmax: with l = -inf, -l s is inf * 0 = NaN, and the line is y = u, the other candidate.
+    overflowed = torch.fmax(-lower * upper_slope, (1 - upper_slope) * upper)
+    intercept = torch.where(torch.isfinite(product), product / width, overflowed)
+    upper_intercept = torch.where(unstable, intercept, torch.zeros_like(upper))
     lower_slope = torch.where(unstable, (upper >= -lower).to(upper.dtype), active.to(upper.dtype))
     return Relaxation(lower_slope, upper_slope, upper_intercept)
 
@@ -100,7 +114,11 @@ def tighten(ibp: Interval, lower: Tensor, upper: Tensor) -> Interval:
 
     Clamping (rather than max/min alone) also keeps lower <= upper, and gives IBP's exact
     point back when the box is a point (eps = 0), whatever the rounding of the linear bounds.
+    A NaN linear bound (0 * inf or inf - inf once some box is infinite) says nothing: IBP's end
+    is kept there (torch.maximum would spread the NaN into every later bound).
     """
+    lower = torch.where(torch.isnan(lower), ibp.lower, lower)
+    upper = torch.where(torch.isnan(upper), ibp.upper, upper)
     return Interval(
         torch.minimum(torch.maximum(lower, ibp.lower), ibp.upper),
         torch.maximum(torch.minimum(upper, ibp.upper), ibp.lower),
@@ -169,7 +187,7 @@ def _spec_interval(spec: tuple[Tensor, Tensor], x: Interval) -> Interval:
     flat = Interval(x.lower.flatten(1), x.upper.flatten(1))
     center = F.linear(flat.center, weight, bias)
     radius = F.linear(flat.radius, weight.abs())
-    return Interval(center - radius, center + radius)
+    return overflow_to_vacuous(center - radius, center + radius)
 
 
 def _chunk_size(per_item_bytes: int) -> int:
@@ -435,18 +453,30 @@ def _back_substitute_patches(prefix, shapes, windows: list[_Window], relaxations
     return torch.cat(lowers)[which, channel], torch.cat(uppers)[which, channel]
 
 
-def _backward_bounds(layers, box: Interval, spec: tuple[Tensor, Tensor] | None, intermediate: str) -> Interval:
-    """Bounds of the layers' output (then of ``spec``, a final linear map) by back-substitution:
-    a forward pass fixes every ReLU's relaxation (IBP boxes, refined first with "crown"), then one
-    back-substitution from the outputs."""
-    shapes, relaxations, ibp = [box.lower.shape[1:]], {}, box
+def _relax_backward(layers, box: Interval, intermediate: str):
+    """The forward pass of :func:`_backward_bounds`: every ReLU's input box (IBP, refined first
+    with "crown") and relaxation, the shapes, and IBP's box of the output."""
+    shapes, relaxations, boxes, ibp = [box.lower.shape[1:]], {}, {}, box
     for position, layer in enumerate(layers):
         if type(layer) is nn.ReLU:
             if intermediate == "crown" and _needs_refinement(layers[:position]):
                 ibp = _refine_backward(layers[:position], shapes, relaxations, box, ibp)
-            relaxations[position] = relu_relaxation(ibp)
+            relaxations[position], boxes[position] = relu_relaxation(ibp), ibp
         ibp = propagate(layer, ibp)
         shapes.append(ibp.lower.shape[1:])
+    return shapes, relaxations, boxes, ibp
+
+
+def _backward_bounds(layers, box: Interval, spec: tuple[Tensor, Tensor] | None, intermediate: str) -> Interval:
+    """Bounds of the layers' output (then of ``spec``, a final linear map) by back-substitution:
+    a forward pass fixes every ReLU's relaxation (IBP boxes, refined first with "crown"), then one
+    back-substitution from the outputs."""
+    shapes, relaxations, _, ibp = _relax_backward(layers, box, intermediate)
+    return _backward_output(layers, shapes, relaxations, box, spec, ibp)
+
+
+def _backward_output(layers, shapes, relaxations, box: Interval, spec, ibp: Interval) -> Interval:
+    """The back-substitution of :func:`_backward_bounds`, from the outputs (or ``spec``), clamped into IBP's box."""
     if spec is None:
         size = math.prod(shapes[-1])
         weight = torch.eye(size, dtype=box.lower.dtype, device=box.lower.device).view(size, *shapes[-1])
@@ -516,18 +546,20 @@ def _forward_relu(relaxation: Relaxation, lo: _Linear, hi: _Linear) -> tuple[_Li
             _Linear(upper_slope.unsqueeze(1) * hi.coef, upper_slope * hi.const + relaxation.upper_intercept))
 
 
-def _forward_chunk(layers, shapes, box: Interval, spec, intermediate: str) -> Interval:
+def _forward_chunk(layers, shapes, box: Interval, spec, intermediate: str) -> tuple[Interval, dict[int, Interval]]:
     """Forward mode on one chunk of examples: the input's own coordinates are the first functions
-    (the same for every example until the first ReLU), IBP runs alongside for the clamps."""
+    (the same for every example until the first ReLU), IBP runs alongside for the clamps.
+    Returns the output's bounds and every ReLU's input box (by position)."""
     size = math.prod(box.lower.shape[1:])
     center, radius = box.center.flatten(1), box.radius.flatten(1)
     eye = torch.eye(size, dtype=box.lower.dtype, device=box.lower.device)
     lo = hi = _Linear(eye.view(1, size, *box.lower.shape[1:]), torch.zeros_like(box.lower[:1]))
-    ibp = box
+    ibp, boxes = box, {}
     for position, layer in enumerate(layers):
         if type(layer) is nn.ReLU:
             if intermediate == "crown" and _needs_refinement(layers[:position]):
                 ibp = tighten(ibp, lo.bound(center, radius, -1), hi.bound(center, radius, +1))
+            boxes[position] = ibp
             lo, hi = _forward_relu(relu_relaxation(ibp), lo, hi)
         else:
             lo, hi = _forward_layer(layer, lo, hi, shapes[position + 1])
@@ -539,11 +571,15 @@ def _forward_chunk(layers, shapes, box: Interval, spec, intermediate: str) -> In
         lo, hi = _forward_affine(F.linear, weight, bias, flat_lo, flat_hi)
         ibp = _spec_interval(spec, ibp)
     return tighten(ibp, lo.bound(center, radius, -1).expand_as(ibp.lower),
-                   hi.bound(center, radius, +1).expand_as(ibp.upper))
+                   hi.bound(center, radius, +1).expand_as(ibp.upper)), boxes
 
 
-def _forward_bounds(layers, box: Interval, spec, intermediate: str) -> Interval:
-    """Bounds of the layers' output (then of ``spec``, a final linear map) by forward mode."""
+def _concat(parts: Sequence[Interval]) -> Interval:
+    return Interval(torch.cat([p.lower for p in parts]), torch.cat([p.upper for p in parts]))
+
+
+def _relax_forward(layers, box: Interval, spec, intermediate: str) -> tuple[Interval, dict[int, Interval]]:
+    """Bounds of the layers' output (then of ``spec``) by forward mode, and every ReLU's input box."""
     shapes = _shapes(layers, box)
     size = math.prod(shapes[0])
     chunk = _chunk_size((size + 1) * max(math.prod(s) for s in shapes) * box.lower.element_size())
@@ -551,13 +587,19 @@ def _forward_bounds(layers, box: Interval, spec, intermediate: str) -> Interval:
         _forward_chunk(layers, shapes, Interval(box.lower[i : i + chunk], box.upper[i : i + chunk]), spec, intermediate)
         for i in range(0, box.lower.shape[0], chunk)
     ]
-    return Interval(torch.cat([p.lower for p in parts]), torch.cat([p.upper for p in parts]))
+    boxes = {position: _concat([p[1][position] for p in parts]) for position in parts[0][1]}
+    return _concat([p[0] for p in parts]), boxes
+
+
+def _forward_bounds(layers, box: Interval, spec, intermediate: str) -> Interval:
+    """Bounds of the layers' output (then of ``spec``, a final linear map) by forward mode."""
+    return _relax_forward(layers, box, spec, intermediate)[0]
 
 
 def _shapes(layers, box: Interval) -> list[torch.Size]:
     """Per-example shape at the input of every layer, and at the output."""
     with torch.no_grad():
-        x = box.lower[:1]
+        x = torch.zeros_like(box.lower[:1])  # a copy: an in-place first layer must not write into the box
         shapes = [x.shape[1:]]
         for layer in layers:
             x = layer(x)
@@ -613,6 +655,84 @@ def decoder_interval(
 ) -> Interval:
     """Bounds on the decoder's mean g(z) for z in ``latent`` ([B, latent_dim])."""
     return _bounds(model.decoder, latent, None, intermediate, direction)
+
+
+@dataclass(frozen=True)
+class RelaxedNetwork:
+    """A network body (its trailing Sigmoids apart) with every ReLU relaxed for one input box.
+
+    ``pre_activation[p]`` / ``relaxations[p]``: the input box of the ReLU at position p and its
+    relaxation; ``shapes``: the per-example shape at each layer's input, then at the output;
+    ``output``: bounds on the body's output. What other specifications than a box need to
+    back-substitute through the network (:func:`back_substitute_lower`, ``provae.elbo_relaxation``).
+    """
+
+    layers: list[nn.Module]
+    shapes: list[torch.Size]
+    pre_activation: dict[int, Interval]
+    relaxations: dict[int, Relaxation]
+    output: Interval
+
+
+def encoder_relaxation(
+    model: VAE, box: Interval, *, intermediate: str = DEFAULT_INTERMEDIATE
+) -> tuple[RelaxedNetwork, Interval, Interval]:
+    """The encoder relaxed by back-substitution for x in ``box``, and the bounds on mu and log sigma:
+    the computation of :func:`encoder_intervals` with direction "backward" (the one "auto" picks
+    for images: more pixels than heads' outputs), so the same boxes. ``output``: the features' IBP box."""
+    layers, _ = _split_layers(model.encoder)
+    shapes, relaxations, boxes, ibp = _relax_backward(layers, box, intermediate)
+    heads = (model.mu_head, model.log_sigma_head)
+    spec = (torch.cat([h.weight for h in heads]), torch.cat([h.bias for h in heads]))
+    both = _backward_output(layers, shapes, relaxations, box, spec, ibp)
+    k = model.mu_head.out_features
+    network = RelaxedNetwork(layers, shapes, boxes, relaxations, ibp)
+    return network, Interval(both.lower[:, :k], both.upper[:, :k]), Interval(both.lower[:, k:], both.upper[:, k:])
+
+
+def decoder_relaxation(model: VAE, latent: Interval, *, intermediate: str = DEFAULT_INTERMEDIATE) -> RelaxedNetwork:
+    """The decoder's body (before its Sigmoid) relaxed by forward mode for z in ``latent``: the
+    computation of :func:`decoder_interval` with direction "forward" (the one "auto" picks: 50
+    latent inputs, more pixels), so ``output`` mapped by the Sigmoid is its box, bit for bit."""
+    layers, _ = _split_layers(model.decoder)
+    output, boxes = _relax_forward(layers, latent, None, intermediate)
+    relaxations = {position: relu_relaxation(pre) for position, pre in boxes.items()}
+    return RelaxedNetwork(layers, _shapes(layers, latent), boxes, relaxations, output)
+
+
+def back_substitute_lower(
+    network: RelaxedNetwork, coef: Tensor, const: Tensor, lower_slopes: dict[int, Tensor] | None = None,
+    rows: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """A linear lower bound on ``coef . f(v) + const`` as a function of the network's input v, one
+    set of coefficients per group (CROWN, Zhang et al. 2018, Theorem 3.2, its lower side).
+
+    coef [G, M, *output shape], const [G, M] -> coef [G, M, *input shape], const [G, M]; group g
+    belongs to example ``rows[g]`` (default: example g). Affine layers map the coefficients
+    exactly; at a ReLU a positive coefficient takes the lower line, a negative one the upper line
+    (its intercept joins the constant). ``lower_slopes`` (ReLU position -> [B, *shape]) replaces
+    CROWN's lower slopes: any slope in [0, 1] of an unstable neuron gives a valid lower line
+    (alpha-CROWN, Xu et al. 2021, optimises them); a stable neuron must keep its own.
+    """
+    lower_slopes = lower_slopes or {}
+
+    def at(t: Tensor) -> Tensor:  # [B, *shape] -> [G, 1, *shape]
+        return (t if rows is None else t[rows]).unsqueeze(1)
+
+    for position in range(len(network.layers) - 1, -1, -1):
+        layer = network.layers[position]
+        if type(layer) is nn.ReLU:
+            relaxation = network.relaxations[position]
+            negative = coef.clamp(max=0)
+            const = const + (negative.flatten(2) @ at(relaxation.upper_intercept).flatten(2).transpose(1, 2)).squeeze(2)
+            lower_slope = lower_slopes.get(position, relaxation.lower_slope)
+            coef = (coef - negative) * at(lower_slope) + negative * at(relaxation.upper_slope)
+            continue
+        batch, specs = coef.shape[:2]
+        back, extra = _back_affine(layer, coef.reshape(batch * specs, *coef.shape[2:]), network.shapes[position])
+        coef = back.view(batch, specs, *back.shape[1:])
+        const = const if extra is None else const + extra.view(batch, specs)
+    return coef, const
 
 
 def crown_elbo_lower_bound(

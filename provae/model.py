@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from provae.datasets import DatasetSpec, dataset_names, get_dataset
+from provae.files import atomic_path
 
 
 @dataclass(frozen=True)
@@ -45,26 +47,26 @@ class ModelConfig:
         return (self.in_channels, self.image_size, self.image_size)
 
 
+def config_for(spec: DatasetSpec) -> ModelConfig:
+    """The paper's network for a registered dataset's images (``spec.image_shape``, (C, H, W))."""
+    channels, side, _ = spec.image_shape
+    return ModelConfig(in_channels=channels, image_size=side)
+
+
 class _RegistryConfigs(Mapping):
     """Read-only view: dataset name -> its ``ModelConfig``, derived from the registry's image shape
     (``provae.datasets``), so an entry registered at run time is here too."""
 
     def __getitem__(self, name: str) -> ModelConfig:
-        from provae.datasets import get_dataset  # lazily: the registry imports the data readers
-
         try:
-            return get_dataset(name).model_config
+            return config_for(get_dataset(name))
         except ValueError as error:
             raise KeyError(name) from error
 
     def __iter__(self) -> Iterator[str]:
-        from provae.datasets import dataset_names
-
         return iter(dataset_names())
 
     def __len__(self) -> int:
-        from provae.datasets import dataset_names
-
         return len(dataset_names())
 
 
@@ -119,10 +121,8 @@ class VAE(nn.Module):
 
 def make_model(dataset: str, **overrides) -> VAE:
     """A freshly initialised VAE for a registered dataset (``provae.datasets``, e.g. ``"mnist"``);
-    ``overrides`` change config fields."""
-    from provae.datasets import get_dataset  # raises "unknown dataset 'x'; known: [...]"
-
-    base = get_dataset(dataset).model_config
+    ``overrides`` change config fields; an unknown name raises "unknown dataset 'x'; known: [...]"."""
+    base = config_for(get_dataset(dataset))
     config = ModelConfig(**{**base.__dict__, **overrides})
     return VAE(config)
 
@@ -138,14 +138,11 @@ def save_checkpoint(path, model: VAE, metadata: dict | None = None) -> None:
 
     Written to a side file first, then renamed: a crash never leaves a truncated checkpoint.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(
-        {"config": dict(model.config.__dict__), "state_dict": model.state_dict(), "metadata": metadata or {}},
-        partial,
-    )
-    partial.replace(path)
+    with atomic_path(path) as partial:  # a path, not a handle: torch names the archive after the file
+        torch.save(
+            {"config": dict(model.config.__dict__), "state_dict": model.state_dict(), "metadata": metadata or {}},
+            partial,
+        )
 
 
 def load_checkpoint(path, map_location: str | torch.device = "cpu") -> Checkpoint:

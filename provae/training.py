@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .bounds import check_eps, elbo, elbo_lower_bound
+from .files import atomic_path
 from .model import VAE
 
 
@@ -137,11 +138,8 @@ class TrainingState:
 
 def save_training_state(path, state: TrainingState) -> None:
     """Written to a side file, then renamed: a run killed while saving keeps the previous state."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state.__dict__, partial)
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        torch.save(state.__dict__, partial)
 
 
 def load_training_state(path, fingerprint: dict) -> tuple[TrainingState | None, str]:

@@ -1,22 +1,29 @@
 """`make audit`: re-check the committed results on a CPU in minutes, without retraining.
 
     python scripts/audit.py                      # every check, one verdict table, exit 1 on any failure
-    python scripts/audit.py --skip rerun         # leave out a check (checkpoints, report, certificate,
-                                                 # fresh_attack, rerun)
+    python scripts/audit.py --skip rerun         # leave out a check (checkpoints, outputs, finite, report,
+                                                 # certificate, fresh_attack, rerun)
 
 Checks (README, "Auditing the results"):
 1. checkpoints: each model's checkpoint has the md5 that dvc.lock records, and its metadata (dataset,
    eps_train, seed, sigma0, clip, latent_dim, train params, data md5) matches params.yaml and the
    data that dvc.lock records;
-2. report: the report stage, re-run into a temporary copy, writes byte-identical tables and figures;
-3. certificate: per model, the ELBO and the certified bound (both balls) recomputed on the audit's
+2. outputs: every output dvc.lock records (every stage's `outs`, files and folders: per-image
+   values, figure arrays, curves, metrics, certify folders, attack-strength tables, checkpoints),
+   and every dependency that is another stage's output, hashed the way DVC hashes it, equals
+   dvc.lock's md5;
+3. finite: the committed per-image values and tables hold no NaN, and -inf only as a vacuous
+   bound (said so, per model);
+4. report: the report stage, re-run into a temporary copy, writes byte-identical tables and figures;
+5. certificate: per model, the ELBO and the certified bound (both balls) recomputed on the audit's
    test images equal the committed per-example values within `audit.tolerance_relative`;
-4. fresh_attack: per model, a fresh APGD attack at every eps_attack, both balls, never beats the
+6. fresh_attack: per model, a fresh APGD attack at every eps_attack, both balls, never beats the
    certificate for the same noise;
-5. rerun: one model's evaluation (`audit.rerun_model`) re-run on the CPU for its first
+7. rerun: one model's evaluation (`audit.rerun_model`) re-run on the CPU for its first
    `audit.rerun_examples` attacked images, compared with the committed per-image curve.
-Nothing in the workspace is written: the data, if not prepared yet, is prepared into a temporary
-folder (from $PROVAE_DATA_MIRROR or the download) and checked against dvc.lock.
+Every comparison fails on NaN, naming the model, eps, ball and file. Nothing in the workspace is
+written: the data, if not prepared yet, is prepared into a temporary folder (from
+$PROVAE_DATA_MIRROR or the download) and checked against dvc.lock.
 """
 
 from __future__ import annotations
@@ -39,15 +46,25 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "stages"))
-from common import file_md5  # noqa: E402
-from evaluate import BALLS, attack_curve, audit_records, evaluation_noise, load_for_evaluation  # noqa: E402
-
 from provae.attacks import apgd_attack  # noqa: E402
 from provae.bounds import elbo, elbo_lower_bound  # noqa: E402
 from provae.data import DataError, prepare, save_prepared  # noqa: E402
+from provae.evaluation import BALLS, attack_curve, audit_records, evaluation_noise, load_for_evaluation  # noqa: E402
+from provae.files import file_digest as file_md5  # noqa: E402
+from provae.grid import grid_models  # noqa: E402
 from provae.sensitivity import residual_sign_attack  # noqa: E402
+import pandas as pd  # noqa: E402
+from dvc.fs import LocalFileSystem  # noqa: E402
+from dvc.exceptions import DvcException  # noqa: E402
+from dvc.repo import Repo  # noqa: E402
+from dvc_data.hashfile.build import build as dvc_build  # noqa: E402
+from dvc_data.hashfile.db import HashFileDB  # noqa: E402
+import zipfile  # noqa: E402
 
-CHECKS = ("checkpoints", "report", "certificate", "fresh_attack", "rerun")
+CHECKS = ("checkpoints", "outputs", "finite", "report", "certificate", "fresh_attack", "rerun")
+# Reading or loading a committed file can fail in these ways (missing, truncated, not what it claims):
+# each is a failed verdict naming the model, not a crash of the audit.
+READ_ERRORS = (DataError, KeyError, OSError, ValueError, RuntimeError, EOFError, zipfile.BadZipFile, DvcException)
 
 
 @dataclass
@@ -80,8 +97,7 @@ class Project:
         self.params = yaml.safe_load((root / "params.yaml").read_text())
         self.dvc = yaml.safe_load((root / "dvc.yaml").read_text())
         self.lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-        self.models = [Model(d, float(e), int(s)) for d in self.params["datasets"] for e in self.params["eps_train"]
-                       for s in self.params["seeds"]]
+        self.models = [Model(m.dataset, m.eps, m.seed) for m in grid_models(self.params)]
 
     def locked(self, stage: str) -> dict:
         if stage not in self.lock:
@@ -146,6 +162,200 @@ def lookup(tree: dict, dotted: str):
     return tree
 
 
+def inside(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or lies under it (dvc.lock's relative POSIX paths)."""
+    return path == folder or path.startswith(folder + "/")
+
+
+@dataclass
+class Locked:
+    """One path as dvc.lock records it: each md5 recorded for it (a folder's ends in ``.dir``) with
+    the entries recording it (``evaluate@mnist-0.05-0 outs``, ``certify@mnist-0.05-0 deps``), the
+    hash DVC computes it with (``md5``; entries without ``hash`` are DVC 2's ``md5-dos2unix``)."""
+
+    hash_name: str
+    md5s: dict[str, list[str]]
+
+
+def locked_outputs(lock: dict, cached: set[str]) -> dict[str, Locked]:
+    """Every output of every stage in dvc.lock, and every dependency that is one or holds some
+    (the per-image file ``certify`` reads, the folders ``report`` reads): each file's own md5
+    names the file when a folder's hash differs. Left out: paths under or around an output that
+    DVC caches (``cached``, the prepared data: not in git; the audit's data source checks it)."""
+    outs = {out["path"] for entry in lock.values() for out in entry.get("outs", [])}
+    records: dict[str, Locked] = {}
+    for stage, entry in lock.items():
+        for role in ("outs", "deps"):
+            for item in entry.get(role, []):
+                path = item["path"]
+                if any(inside(path, c) or inside(c, path) for c in cached):
+                    continue
+                if role == "deps" and not any(inside(path, out) or inside(out, path) for out in outs):
+                    continue  # code, params, references: inputs, not results
+                record = records.setdefault(path, Locked(item.get("hash", "md5-dos2unix"), {}))
+                record.md5s.setdefault(str(item.get("md5")), []).append(f"{stage} {role}")
+    return records
+
+
+def output_problem(path: str, found: dict[str, str | None], records: dict[str, Locked],
+                   files: list[str] | None) -> str | None:
+    """None if ``path`` hashes to the one md5 dvc.lock records for it, else what differs.
+
+    ``found``: DVC's hash of every recorded path (None: missing); ``files``: for a folder, the
+    files inside it (None for a file). A folder names the deepest recorded paths inside it that differ, else the
+    files inside it that no recorded path covers (one of which must differ)."""
+    record = records[path]
+    if len(record.md5s) > 1:
+        return (f"dvc.lock records {len(record.md5s)} different md5s for it ("
+                + "; ".join(f"{md5}: {', '.join(entries)}" for md5, entries in record.md5s.items())
+                + "): a stage ran on an older version of it")
+    if found[path] is None:
+        return "missing"
+    if found[path] in record.md5s:
+        return None
+    if not found[path].endswith(".dir"):
+        return f"md5 {found[path]}: the file differs"
+    within = [other for other in records if other != path and inside(other, path)]
+    differing = [other for other in within if len(records[other].md5s) > 1 or found[other] not in records[other].md5s]
+    deepest = sorted(other for other in differing if not any(o != other and inside(o, other) for o in differing))
+    if deepest:
+        return f"{found[path]}: differs in {', '.join(deepest)}"
+    uncovered = sorted(Path(f).relative_to(path).as_posix() for f in files if not any(inside(f, o) for o in within))
+    if uncovered:
+        return (f"{found[path]}: differs in a file dvc.lock records only through the folder: "
+                f"one of {', '.join(uncovered)}")
+    return f"{found[path]}: a file was added or removed"
+
+
+def check_outputs(project: Project) -> list[Verdict]:
+    """Every output in dvc.lock (files and folders) hashed with DVC's own builder (dvc_data's
+    ``build``, the function ``dvc status`` calls, with the project's .dvcignore; a folder's
+    ``.dir`` hash is the md5 of its sorted file list), with a fresh hash database, so no cached
+    hash of an earlier file version is reused, against the md5 dvc.lock records."""
+    with Repo(str(project.root)) as repo, tempfile.TemporaryDirectory(prefix="provae-audit-hashes-") as temp:
+        cached = {Path(out.fs_path).relative_to(project.root).as_posix() for out in repo.index.outs if out.use_cache}
+        defined = {stage.name for stage in repo.index.stages}
+        records = locked_outputs(project.lock, cached)
+        fs, found, files = LocalFileSystem(), {}, {}
+        database = HashFileDB(fs, temp)
+        for path, record in records.items():
+            target = project.root / path
+            if not target.exists():
+                found[path] = None
+                continue
+            _, _, obj = dvc_build(database, str(target), fs, record.hash_name, dry_run=True, ignore=repo.dvcignore)
+            found[path] = obj.hash_info.value
+            if target.is_dir():
+                files[path] = [f"{path}/{'/'.join(key)}" for key, _ in obj.iteritems()]
+    # A stage dvc.yaml no longer defines (with this params.yaml): its cached outputs are not known as such.
+    verdicts = [Verdict(f"output stage {stage}", "defined by dvc.yaml and params.yaml", "not defined: dvc.lock is stale",
+                        False) for stage in project.lock if stage not in defined]
+    matched = 0
+    for path, record in sorted(records.items()):
+        problem = output_problem(path, found, records, files.get(path))
+        if problem is None:
+            matched += 1
+            continue
+        entries = "; ".join(", ".join(e) for e in record.md5s.values())
+        verdicts.append(Verdict(f"output {path}", f"{' or '.join(record.md5s)} (dvc.lock: {entries})", problem, False))
+    verdicts.append(Verdict("outputs: every path dvc.lock records", "dvc.lock's md5 (DVC's hash, folders .dir)",
+                            f"{matched} of {len(records)} match", matched == len(records)))
+    return verdicts
+
+
+# --- finite: NaN never stands in a committed value; -inf only as a vacuous bound ---
+
+
+def non_finite(values, labels: list[str], where: str, vacuous_ok: bool = False, gap_ok: bool = False):
+    """Where ``values`` [rows, ...] (one row per label: an eps_attack and ball, a table row) hold
+    NaN, or an infinity not allowed there: -inf is a vacuous bound (``vacuous_ok``), +inf the gap
+    or margin above one (``gap_ok``). -> (messages naming the rows, count of vacuous bounds)."""
+    values = np.asarray(values, dtype=float).reshape(len(labels), -1)
+    none = np.zeros(values.shape, dtype=bool)
+    problems = []
+    for kind, mask in (("NaN", np.isnan(values)), ("+inf", none if gap_ok else np.isposinf(values)),
+                       ("-inf", none if vacuous_ok else np.isneginf(values))):
+        rows = np.flatnonzero(mask.any(axis=1))
+        if rows.size:
+            problems.append(f"{kind} in {where} at " + "; ".join(
+                f"{labels[i]} ({int(mask[i].sum())} of {mask.shape[1]})" for i in rows))
+    return problems, int(np.isneginf(values).sum()) if vacuous_ok else 0
+
+
+def scan_per_example(arrays: dict, eps_train: float, where: str):
+    """NaN and misplaced infinities in `evaluate`'s per-image values: [n_eps, n] per ball, and the
+    audit records at eps_train."""
+    problems, vacuous = [], 0
+    eps_attack = arrays["eps_attack"]
+    for key, values in arrays.items():  # integer arrays (the winners) pass: they hold no NaN or inf
+        if "/" in key and np.ndim(values) == 2 and len(values) == len(eps_attack):
+            ball, field = key.split("/")
+            labels, vacuous_ok = [f"eps_attack {e:g}, {ball} ball" for e in eps_attack], field == "bound"
+        elif key.startswith("audit_lb_"):
+            labels, vacuous_ok = [f"eps_train {eps_train:g}, {key[len('audit_lb_'):]} ball"], True
+        else:
+            labels, vacuous_ok = [f"eps_train {eps_train:g}" if key.startswith("audit_") else key], False
+        found, count = non_finite(values, labels, f"{where} [{key}]", vacuous_ok=vacuous_ok)
+        problems += found
+        vacuous += count
+    return problems, vacuous
+
+
+def scan_table(table: pd.DataFrame, where: str):
+    """NaN and misplaced infinities in a per-model table (the attack curves, certify's bounds and
+    radii): every numeric column; -inf in bound columns, +inf in gap and margin columns."""
+    def label(row) -> str:
+        if "eps_attack" in row:
+            parts = [f"eps_attack {row['eps_attack']:g}"]
+        else:
+            parts = [f"image {row['image']}"] if "image" in row else []
+        parts += [f"{row[k]}" + (" ball" if k == "ball" else "") for k in ("ball", "method", "tau") if k in row]
+        return ", ".join(parts)
+
+    labels = [label(row) for _, row in table.iterrows()]
+    problems, vacuous = [], 0
+    for column in table.columns:
+        if not pd.api.types.is_float_dtype(table[column]):
+            continue
+        ball = next((b for b in BALLS if column.endswith(f"_{b}")), None)
+        rows = [f"{text}, {ball} ball" if ball else text for text in labels]
+        found, count = non_finite(table[column].to_numpy()[:, None], rows, f"{where} [{column}]",
+                                  vacuous_ok=column.startswith("bound"),
+                                  gap_ok=column.startswith(("gap", "min_margin")))
+        problems += found
+        vacuous += count
+    return problems, vacuous
+
+
+def check_finite(project: Project) -> list[Verdict]:
+    """Per model: the committed per-image values (per_example.npz), its attack curves and its
+    certify tables hold no NaN, and -inf only as a vacuous bound (counted and said)."""
+    verdicts = []
+    for model in project.models:
+        try:
+            files = [project.path_of(model.stage("evaluate"), "--out") / "per_example.npz",
+                     project.path_of(model.stage("evaluate"), "--curve")]
+            if model.stage("certify") in project.lock:
+                files += [project.path_of(model.stage("certify"), flag) for flag in ("--bounds", "--radii")]
+            problems, vacuous = [], 0
+            for path in files:
+                where = path.relative_to(project.root).as_posix()
+                if path.suffix == ".npz":
+                    with np.load(path) as saved:
+                        found, count = scan_per_example({key: saved[key] for key in saved.files}, model.eps, where)
+                else:
+                    found, count = scan_table(pd.read_csv(path), where)
+                problems += found
+                vacuous += count
+        except READ_ERRORS as error:
+            problems, vacuous = [f"{type(error).__name__}: {error}"], 0
+        said = f"; vacuous (-inf) bound in {vacuous} values" if vacuous else ""
+        verdicts.append(Verdict(f"finite {model.name} (eps_train {model.eps:g}): per-image values, curves, certify",
+                                "no NaN; -inf only as a vacuous bound",
+                                ("; ".join(problems) if problems else "no NaN") + said, not problems))
+    return verdicts
+
+
 def check_report(project: Project) -> list[Verdict]:
     """Re-run the report stage's own command in a temporary copy and compare its outputs byte by byte."""
     stage = project.dvc["stages"]["report"]
@@ -155,6 +365,8 @@ def check_report(project: Project) -> list[Verdict]:
         temp = Path(temp)
         for name in dict.fromkeys(inputs):
             source, target = project.root / name, temp / name
+            if target.exists():  # inside a folder already copied (provae/report in provae)
+                continue
             target.parent.mkdir(parents=True, exist_ok=True)
             (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
         for name in outputs:  # the copy must write them afresh
@@ -220,19 +432,82 @@ def committed_per_example(project: Project, model: Model) -> dict:
         return {key: saved[key] for key in saved.files}
 
 
+AUDIT_RECORDS = {"audit_elbo": ("ELBO", False), "audit_lb_unclipped": ("LB, unclipped ball", True),
+                 "audit_lb_clipped": ("LB, clipped ball", True)}  # key -> (what, may be a vacuous -inf)
+
+
+def images_at(mask: np.ndarray) -> str:
+    index = np.flatnonzero(mask)
+    return ", ".join(map(str, index[:8])) + (f" and {index.size - 8} more" if index.size > 8 else "")
+
+
+def relative_difference(committed, recomputed, vacuous_ok: bool) -> tuple[float, list[str], int]:
+    """Largest |recomputed - committed| / max(1, |committed|) over the finite pairs; NaN and +inf
+    on either side, and -inf on one side only (or at all, unless ``vacuous_ok``), are problems
+    naming the images. -> (worst, problems, images whose bound is -inf on both sides: vacuous)."""
+    committed, recomputed = np.asarray(committed, dtype=float), np.asarray(recomputed, dtype=float)
+    if committed.shape != recomputed.shape:
+        return math.inf, [f"shape {committed.shape} committed, {recomputed.shape} recomputed"], 0
+    problems = [f"{kind} {side} at images {images_at(mask)}"
+                for side, values in (("committed", committed), ("recomputed", recomputed))
+                for kind, mask in (("NaN", np.isnan(values)), ("+inf", np.isposinf(values))) if mask.any()]
+    both = np.isneginf(committed) & np.isneginf(recomputed)
+    one_side = np.isneginf(committed) != np.isneginf(recomputed)
+    if one_side.any():
+        problems.append(f"-inf on one side only at images {images_at(one_side)}")
+    if both.any() and not vacuous_ok:
+        problems.append(f"-inf (not a bound: never vacuous) at images {images_at(both)}")
+    finite = np.isfinite(committed) & np.isfinite(recomputed)
+    worst = float(np.max(np.abs(recomputed[finite] - committed[finite]) / np.maximum(1.0, np.abs(committed[finite])),
+                         initial=0.0))
+    return worst, problems, int(both.sum()) if vacuous_ok else 0
+
+
 def check_certificates(project: Project, data: DataSource) -> list[Verdict]:
+    """Per model and per record (ELBO, LB in each ball): recomputed on the CPU with `evaluate`'s
+    audit noise against the committed per-image values; NaN anywhere fails, naming the images."""
     tolerance = project.params["audit"]["tolerance_relative"]
     verdicts = []
     for model in project.models:
-        loaded = load(project, data, model)
-        committed = committed_per_example(project, model)
-        n = committed["audit_elbo"].shape[0]
-        recomputed = audit_records(loaded.model, loaded.test_images[:n], model.eps, loaded.meta["sigma0"], model.seed)
-        worst = max(float(np.max(np.abs(recomputed[k] - committed[k]) / np.maximum(1.0, np.abs(committed[k]))))
-                    for k in recomputed)
-        verdicts.append(Verdict(f"certificate {model.name}: ELBO and LB (both balls), {n} images",
-                                f"relative difference <= {tolerance:g}", f"{worst:.2e}", worst <= tolerance))
+        try:
+            where = (project.path_of(model.stage("evaluate"), "--out") / "per_example.npz").relative_to(project.root)
+            loaded = load(project, data, model)
+            committed = committed_per_example(project, model)
+            n = committed["audit_elbo"].shape[0]
+            recomputed = audit_records(loaded.model, loaded.test_images[:n], model.eps, loaded.meta["sigma0"],
+                                       model.seed)
+        except READ_ERRORS as error:
+            verdicts.append(Verdict(f"certificate {model.name}", "loads and recomputes",
+                                    f"{type(error).__name__}: {error}", False))
+            continue
+        for key, (what, vacuous_ok) in AUDIT_RECORDS.items():
+            if key not in committed or key not in recomputed:
+                verdicts.append(Verdict(f"certificate {model.name}: {what}", f"{key} in {where}", "missing", False))
+                continue
+            worst, problems, vacuous = relative_difference(committed[key], recomputed[key], vacuous_ok)
+            found = (f"{'; '.join(problems)} ({where} [{key}])" if problems else f"{worst:.2e}") + (
+                f"; vacuous (-inf) on both sides at {vacuous} of {n} images" if vacuous else "")
+            verdicts.append(Verdict(f"certificate {model.name}: {what} at eps_train {model.eps:g}, {n} images",
+                                    f"relative difference <= {tolerance:g}", found,
+                                    not problems and worst <= tolerance))
     return verdicts
+
+
+def certificate_violations(attacked, bound, tolerance: float) -> dict[str, int]:
+    """Per image, the attacked ELBO against the certificate for the same noise: ``below`` (by more
+    than float slack ``tolerance`` relative to |bound|; a +inf bound is below nothing, so it counts
+    too), ``nan`` (either side), ``infinite_elbo`` (an ELBO is never infinite): failures;
+    ``vacuous`` (a -inf bound, certifying nothing): said, not a failure."""
+    attacked, bound = np.asarray(attacked, dtype=float), np.asarray(bound, dtype=float)
+    nan = np.isnan(attacked) | np.isnan(bound)
+    infinite_elbo = ~nan & np.isinf(attacked)
+    checked = ~nan & ~infinite_elbo
+    vacuous = checked & np.isneginf(bound)
+    finite_bound = checked & np.isfinite(bound)
+    with np.errstate(invalid="ignore"):  # inf - inf where the bound is not finite: masked out below
+        below = (checked & np.isposinf(bound)) | (finite_bound & (attacked < bound - tolerance * np.abs(bound)))
+    return {"below": int(below.sum()), "nan": int(nan.sum()), "infinite_elbo": int(infinite_elbo.sum()),
+            "vacuous": int(vacuous.sum())}
 
 
 def check_fresh_attacks(project: Project, data: DataSource) -> list[Verdict]:
@@ -240,11 +515,15 @@ def check_fresh_attacks(project: Project, data: DataSource) -> list[Verdict]:
     verdicts = []
     generator = torch.Generator().manual_seed(2024)
     for model in project.models:
-        loaded = load(project, data, model)
+        try:
+            loaded = load(project, data, model)
+        except READ_ERRORS as error:
+            verdicts.append(Verdict(f"fresh attack {model.name}", "loads", f"{type(error).__name__}: {error}", False))
+            continue
         x = loaded.test_images[: a["attack_examples"]]
         noise = evaluation_noise(x.shape[0], loaded.model.latent_dim, model.seed, p, x.device)["certificate"]
-        sigma0, violations, checked = loaded.meta["sigma0"], 0, 0
-        for clip in BALLS.values():
+        sigma0, checked, failures, vacuous, below = loaded.meta["sigma0"], 0, [], 0, 0
+        for ball, clip in BALLS.items():
             for eps in [e for e in p["eps_attack"] if e > 0]:
                 starts = [residual_sign_attack(loaded.model, x, eps, clip)]
                 x_adv = apgd_attack(loaded.model, x, eps, noise, start=starts[0], steps=a["attack_steps"],
@@ -252,10 +531,16 @@ def check_fresh_attacks(project: Project, data: DataSource) -> list[Verdict]:
                 with torch.no_grad():
                     attacked = torch.minimum(elbo(loaded.model, x_adv, noise, sigma0), elbo(loaded.model, starts[0], noise, sigma0))
                     bound = elbo_lower_bound(loaded.model, x, eps, noise, sigma0, clip)
-                violations += int((attacked < bound - p["audit_tolerance"] * bound.abs()).sum())
-                checked += x.shape[0]
+                counts = certificate_violations(attacked.cpu().numpy(), bound.cpu().numpy(), p["audit_tolerance"])
+                checked, vacuous, below = checked + x.shape[0], vacuous + counts["vacuous"], below + counts["below"]
+                wrong = [f"{counts[k]} {what}" for k, what in (("below", "below the certificate"), ("nan", "NaN"),
+                                                              ("infinite_elbo", "infinite attacked ELBO")) if counts[k]]
+                if wrong:
+                    failures.append(f"eps_attack {eps:g}, {ball} ball: {', '.join(wrong)}")
+        said = f"; vacuous (-inf) certificate for {vacuous}" if vacuous else ""
+        found = ("; ".join(failures) if failures else f"{below} below") + said
         verdicts.append(Verdict(f"fresh attack {model.name}: {checked} (image, eps, ball) triples",
-                                "0 below the certificate", f"{violations} below", violations == 0))
+                                "0 below the certificate, no NaN", found, not failures))
     return verdicts
 
 
@@ -271,6 +556,7 @@ def check_rerun(project: Project, data: DataSource) -> list[Verdict]:
     model = Model(choice["dataset"], float(choice["eps_train"]), int(choice["seed"]))
     loaded = load(project, data, model)
     committed = committed_per_example(project, model)
+    where = (project.path_of(model.stage("evaluate"), "--out") / "per_example.npz").relative_to(project.root)
     headline = "clipped" if loaded.meta["clip"] else "unclipped"
     n = min(a["rerun_examples"], committed[f"{headline}/elbo_attacked"].shape[1])
     images = loaded.test_images[:n]
@@ -282,10 +568,19 @@ def check_rerun(project: Project, data: DataSource) -> list[Verdict]:
     for i, eps in enumerate(committed["eps_attack"]):
         differences = rerun["elbo_attacked"][i] - committed[f"{headline}/elbo_attacked"][i, :n]
         reference = float(committed[f"{headline}/elbo_attacked"][i, :n].mean())
+        check = f"re-run {model.name}, {headline} ball, eps_attack {eps:g}, {n} images"
+        if not np.isfinite(differences).all():
+            sides = (("committed", committed[f"{headline}/elbo_attacked"][i, :n]),
+                     ("re-run", rerun["elbo_attacked"][i]))
+            wrong = "; ".join(f"{side} non-finite at images {images_at(~np.isfinite(values))}"
+                              for side, values in sides if not np.isfinite(values).all())
+            verdicts.append(Verdict(check, "finite ELBOs on both sides",
+                                    f"{wrong} ({where} [{headline}/elbo_attacked])", False))
+            continue
         tolerance = (max(strength["tolerance_nats"], strength["tolerance_relative"] * abs(reference))
                      + 3 * float(differences.std(ddof=1)) / math.sqrt(n))
         found = float(differences.mean())
-        verdicts.append(Verdict(f"re-run {model.name}, {headline} ball, eps_attack {eps:g}, {n} images",
+        verdicts.append(Verdict(check,
                                 f"|re-run - committed| <= {tolerance:.2f} nats (committed {reference:.2f})",
                                 f"{found:+.2f} nats ({seconds:.0f} s for the curve)", abs(found) <= tolerance))
     return verdicts
@@ -313,16 +608,18 @@ def main() -> None:
     verdicts: list[Verdict] = []
     with tempfile.TemporaryDirectory(prefix="provae-audit-data-") as temp:
         data = DataSource(project, Path(temp))
-        steps = {"checkpoints": lambda: check_checkpoints(project), "report": lambda: check_report(project),
+        steps = {"checkpoints": lambda: check_checkpoints(project), "outputs": lambda: check_outputs(project),
+                 "finite": lambda: check_finite(project), "report": lambda: check_report(project),
                  "certificate": lambda: check_certificates(project, data),
-                 "fresh_attack": lambda: check_fresh_attacks(project, data), "rerun": lambda: check_rerun(project, data)}
+                 "fresh_attack": lambda: check_fresh_attacks(project, data),
+                 "rerun": lambda: check_rerun(project, data)}
         for name in CHECKS:
             if name in args.skip:
                 continue
             step_started = time.time()
             try:
                 verdicts += steps[name]()
-            except (DataError, KeyError, FileNotFoundError, ValueError, RuntimeError) as error:
+            except READ_ERRORS as error:
                 verdicts.append(Verdict(name, "runs", f"{type(error).__name__}: {error}", False))
             print(f"[audit] {name}: {time.time() - step_started:.0f} s", file=sys.stderr, flush=True)
     print_table(verdicts)

@@ -4,7 +4,9 @@
     python scripts/profile.py quick            # prints that command, shell-quoted
     python scripts/profile.py tiny --write     # writes the merged params.yaml in place
 
-Nested keys in the profile override the same keys in params.yaml; everything else is kept.
+Nested keys in the profile override the same keys in params.yaml; everything else is kept. A model
+list (`grid`, `attack_strength.models`, ...) is replaced whole: a profile's grid is its own models,
+not the full grid plus them.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from pathlib import Path
 import yaml
 
 
+MODEL_LISTS = {"grid", "models"}  # keys whose dict a profile replaces instead of merging into
+
+
 def flatten(tree: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in tree.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key not in MODEL_LISTS:
             flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
@@ -43,7 +48,8 @@ def merge(base: dict, override: dict) -> dict:
     for key, value in override.items():
         if key not in base:
             raise KeyError(f"profile key {key!r} is not in params.yaml")
-        merged[key] = merge(base[key], value) if isinstance(value, dict) else value
+        replace = key in MODEL_LISTS or not isinstance(value, dict)
+        merged[key] = value if replace else merge(base[key], value)
     return merged
 
 
@@ -64,7 +70,10 @@ def main() -> None:
         return
     command = ["dvc", "exp", "run"]
     for key, value in flatten(override).items():
-        command += ["-S", f"{key}={override_value(value)}"]
+        if key.rsplit(".", 1)[-1] in MODEL_LISTS:  # DVC merges a dict given with `key=`: delete, then add
+            command += ["-S", f"~{key}", "-S", f"+{key}={override_value(value)}"]
+        else:
+            command += ["-S", f"{key}={override_value(value)}"]
     if args.run:
         sys.exit(subprocess.call(command))
     print(shlex.join(command))

@@ -36,6 +36,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import yaml  # noqa: E402
 
+from provae.grid import GridModel, grid_models  # noqa: E402
+
 SEED = 0  # the sweep's models: seed 0 of the grid's naming
 PREFIX = "sweep-"
 EVAL_METRICS = "reports/metrics/{dataset}-eps{eps}-seed{seed}.json"
@@ -80,13 +82,14 @@ def experiment_name(sigma0: float, overrides: list[str], dataset: str) -> str:
 
 def queue(args) -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
-    unknown = [eps for eps in args.eps_train if eps not in [float(e) for e in params["eps_train"]]]
-    if unknown:
-        sys.exit(f"eps_train {unknown} not in params.yaml's eps_train {params['eps_train']}")
-    # Stage names carry the eps as Python prints the float (0.0, 0.1), as do the matrix's.
     if args.dataset not in params["datasets"]:
         sys.exit(f"dataset {args.dataset!r} not in params.yaml's datasets {params['datasets']}")
-    targets = [f"{stage}@{args.dataset}-{eps}-{SEED}" for eps in args.eps_train for stage in ("train", "evaluate")]
+    grid = {m.id for m in grid_models(params)}
+    wanted = [GridModel(args.dataset, float(eps), SEED).id for eps in args.eps_train]
+    unknown = [model for model in wanted if model not in grid]
+    if unknown:
+        sys.exit(f"models {unknown} are not in params.yaml's grid")
+    targets = [f"{stage}@{model}" for model in wanted for stage in ("train", "evaluate")]
     for sigma0 in args.sigma0:
         if not sigma0 > 0:
             sys.exit(f"sigma0 must be > 0, got {sigma0}")
@@ -204,7 +207,7 @@ def figure(curves: pd.DataFrame, path: Path, title: str, dataset: str) -> None:
 
 def collect(args) -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
-    table, curves = collect_rows([float(e) for e in params["eps_train"]], args.dataset)
+    table, curves = collect_rows(sorted({m.eps for m in grid_models(params) if m.dataset == args.dataset}), args.dataset)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "sweep.csv", index=False, float_format="%.4f")

@@ -14,33 +14,20 @@ far the reconstructions are from the inputs.
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
 import pandas as pd
 import torch
-from common import eps_value, load_params
-from evaluate import BALLS, evaluation_noise, load_for_evaluation
+from common import per_model_stage, run_stage, write_csv
 
 from provae.attacks import mean_elbo_over
 from provae.data import DataError
+from provae.evaluation import BALLS, evaluation_noise
 from provae.sensitivity import fixed_encoder_elbo_drop, residual_sign_attack
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--eps-train", required=True, type=eps_value)
-    parser.add_argument("--seed", required=True, type=int)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--curve", required=True, help="evaluate's attack curves .csv")
-    parser.add_argument("--out", required=True, help="one row per (ball, eps_attack), .csv")
-    args = parser.parse_args()
-    params = load_params()
+    args, params, loaded = per_model_stage(__doc__.splitlines()[0], {
+        "--curve": "evaluate's attack curves .csv", "--out": "one row per (ball, eps_attack), .csv"})
     p, seed = params["evaluate"], args.seed
-
-    loaded = load_for_evaluation(args.model, args.eps_train, seed, args.data, p["device"])
     model, sigma0 = loaded.model, loaded.meta["sigma0"]
     images = loaded.test_images[: p["attack_examples"]]
     attacked = pd.read_csv(args.curve).set_index("eps_attack")
@@ -63,13 +50,9 @@ def main() -> None:
                              "residual_sign_drop": (clean - residual_sign).mean().item()})
     table = pd.DataFrame(rows)
     table["share_fixed_encoder"] = table["fixed_encoder_drop"] / table["attack_drop"].where(table["attack_drop"] > 0)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out, index=False, float_format="%.6g")
+    write_csv(args.out, table)
     print(table.to_string(index=False))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DataError, ValueError, KeyError) as error:
-        sys.exit(f"fixed_encoder stage failed: {error}")
+    run_stage(main, "fixed_encoder", errors=(DataError, KeyError))

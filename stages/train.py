@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import eps_value, file_md5, load_params
+from common import eps_value, load_params, run_stage
 from dvclive import Live
 from tqdm import tqdm
 
 from provae.data import DataError, check_dataset_name, load_prepared
+from provae.files import file_digest
 from provae.model import make_model, save_checkpoint
 from provae.runtime import derived_seed, device_generator, resolve_device, reuse_freed_memory, seed_everything
 from provae.training import (EpsSchedule, NonFiniteLossError, TrainingState, load_training_state, mean_bound_and_elbo,
@@ -44,7 +45,7 @@ def main() -> None:
     seed_everything(seed)
     device = resolve_device(p["device"])
     data = load_prepared(args.data)
-    data_md5 = file_md5(args.data)
+    data_md5 = file_digest(args.data, "md5")
     train_images = data.images("train", device)[: p["max_train_examples"]]
     # A fixed, shuffled slice of the test set (CIFAR's mirror stores it grouped by class).
     monitor_order = torch.randperm(data.test_images.shape[0], generator=torch.Generator().manual_seed(seed))
@@ -117,7 +118,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DataError, NonFiniteLossError, ValueError) as error:
-        sys.exit(f"train stage failed: {error}")
+    run_stage(main, "train", errors=(DataError, NonFiniteLossError))

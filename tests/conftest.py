@@ -172,7 +172,9 @@ def write_cifar10_jpeg_folder(folder: Path, n_train: int = 20, n_test: int = 10,
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT_FILES = ["provae", "stages", "scripts", "profiles", "references", "dvc.yaml", "params.yaml",
-                 "pyproject.toml", ".gitignore", ".dvcignore"]
+                 "pyproject.toml", ".gitignore", ".dvcignore",
+                 # committed inputs of the report stage that no stage writes
+                 "reports/REPRODUCTION.md.j2", "reports/training_length"]
 
 def run(args, cwd, env, check=True):
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
@@ -203,6 +205,7 @@ def copy_project(repo: Path, env: dict, profile: str = "tiny") -> Path:
     """The project's files in a fresh git + DVC repository, with a parameter profile applied, committed."""
     for name in PROJECT_FILES:
         source = ROOT / name
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
             shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:

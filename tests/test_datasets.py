@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from provae import EpsSchedule, make_model, train_epoch
-from provae.data import DataError, check_dataset_name, load_prepared, prepare, read_idx_gz
+from provae.data import DataError, check_dataset_name, load_prepared, prepare, read_idx_gz, read_mirror
 from provae.datasets import (CANONICAL_CIFAR10_MD5, CANONICAL_CIFAR100_MD5, CANONICAL_FASHION_MNIST_MD5,
                              CANONICAL_KMNIST_MD5, CANONICAL_SVHN_MD5, DatasetSpec, MirrorLayout, dataset_names,
                              get_dataset, register, unregister)
@@ -211,7 +211,7 @@ def test_cifar10_prefers_the_genuine_batches_over_the_jpeg_copy(tmp_path):
 def grey16():
     """A dataset registered by the test only: 16x16 grey images in the MNIST family's IDX files."""
     spec = register(DatasetSpec("grey16", "Grey-16", (1, 16, 16), 10,
-                                mirrors=(MirrorLayout("grey16", partial(read_idx_gz, canonical_md5={})),)))
+                                mirrors=(MirrorLayout("grey16", "idx_gz", {"canonical_md5": {}}),)))
     yield spec
     unregister("grey16")
 
@@ -231,12 +231,18 @@ def test_a_dataset_registered_elsewhere_needs_no_stage_code(grey16, tmp_path, mo
 
 
 def test_registry_rejects_bad_entries_and_unknown_names(monkeypatch, tmp_path):
-    layout = (MirrorLayout("x", partial(read_idx_gz, canonical_md5={})),)
+    layout = (MirrorLayout("x", partial(read_idx_gz, canonical_md5={})),)  # a reader function, not a name
     for shape in [(1, 28, 30), (3, 30, 30), (1, 28)]:
         with pytest.raises(ValueError, match="x:"):
             DatasetSpec("x", "X", shape, 10, mirrors=layout)
     with pytest.raises(ValueError, match="torchvision class or at least one mirror"):
         DatasetSpec("x", "X", (1, 28, 28), 10)
+    with pytest.raises(ValueError, match="read must name a reader"):
+        MirrorLayout("x", 3)
+    unknown_reader = DatasetSpec("x", "X", (1, 28, 28), 10, mirrors=(MirrorLayout("x", "idx_zip"),))
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ValueError, match="unknown reader 'idx_zip'; known: \\['cifar_pickle', 'idx_gz'"):
+        read_mirror(unknown_reader, tmp_path)
     with pytest.raises(ValueError, match="already registered"):
         register(DatasetSpec("mnist", "MNIST", (1, 28, 28), 10, mirrors=layout))
     assert get_dataset("mnist").label == "MNIST"  # untouched

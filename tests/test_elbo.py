@@ -67,9 +67,62 @@ def test_bound_decreases_as_eps_grows():
 
 
 def test_clipping_tightens_the_bound():
+    """Every synthetic image has pixels at 0 (and most at 1): its clipped ball is strictly smaller,
+    so its certificate strictly higher. An image whose pixels all lie eps inside [0, 1] has the
+    same ball either way, so the same certificate."""
     model, x = small_model(), synthetic_images(16)
     noise = torch.randn(16, model.latent_dim)
-    assert (elbo_lower_bound(model, x, 0.1, noise, clip=True) >= elbo_lower_bound(model, x, 0.1, noise, clip=False)).all()
+    assert ((x < 0.1) | (x > 0.9)).flatten(1).any(1).all()
+    assert (elbo_lower_bound(model, x, 0.1, noise, clip=True) > elbo_lower_bound(model, x, 0.1, noise, clip=False)).all()
+    inner = 0.2 + 0.6 * x
+    assert torch.equal(elbo_lower_bound(model, inner, 0.1, noise, clip=True),
+                       elbo_lower_bound(model, inner, 0.1, noise, clip=False))
+
+
+def test_the_unclipped_ball_reaches_outside_the_unit_cube():
+    """The default clip=True keeps the ball in [0, 1]; clip=False (the paper's eq. 15) does not."""
+    x = torch.tensor([0.0, 0.05, 0.5, 1.0])
+    box = input_box(x, 0.1, clip=False)
+    torch.testing.assert_close(box.lower, torch.tensor([-0.1, -0.05, 0.4, 0.9]))
+    torch.testing.assert_close(box.upper, torch.tensor([0.1, 0.15, 0.6, 1.1]))
+    assert torch.equal(input_box(x, 0.1).lower, input_box(x, 0.1, clip=True).lower)
+
+
+@pytest.mark.parametrize("sigma0", [0.5, 2**-0.5, 2.0])
+def test_elbo_with_sigma0_by_hand(sigma0):
+    """ELBO = -||x - g(z)||^2 / (2 sigma0^2) - KL, z = mu + sigma e, written out here."""
+    model, x = small_model(), synthetic_images(4)
+    noise = torch.randn(4, model.latent_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        mu, log_sigma = model.encode(x)
+        decoded = model.decode(mu + torch.exp(log_sigma) * noise)
+        kl = 0.5 * (mu**2 + torch.exp(2 * log_sigma) - 2 * log_sigma - 1).sum(1)
+        expected = -((x - decoded) ** 2).flatten(1).sum(1) / (2 * sigma0**2) - kl
+        torch.testing.assert_close(elbo(model, x, noise, sigma0), expected)
+
+
+@pytest.mark.parametrize("sigma0", [0.5, 2**-0.5, 2.0])
+def test_bound_with_sigma0(trained_small_model, sigma0):
+    """sigma0 != 1 (1/sqrt(2) is the committed grid's; at 1 a bound that took 1/(2 sigma0) or
+    ignored sigma0 in one term would agree): equal to the ELBO at eps 0, below it at points of
+    the ball (both balls), and its reconstruction part scales as 1/sigma0^2."""
+    model, x = trained_small_model
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn((x.shape[0], model.latent_dim), generator=g)
+    with torch.no_grad():
+        assert torch.equal(elbo_lower_bound(model, x, 0.0, noise, sigma0), elbo(model, x, noise, sigma0))
+        for clip in (True, False):
+            certificate = elbo_lower_bound(model, x, 0.05, noise, sigma0, clip)
+            box = input_box(x, 0.05, clip)
+            for i in range(20):
+                u = torch.rand(x.shape, generator=g)
+                point = torch.where(u < 0.5, box.lower, box.upper) if i % 2 else box.lower + u * (box.upper - box.lower)
+                assert (elbo(model, point, noise, sigma0) >= certificate - 1e-4 * certificate.abs()).all()
+        # LB = -R_U / (2 sigma0^2) - KL_U: two sigma0 values give R_U and KL_U; a third must agree.
+        lb = {s: elbo_lower_bound(model, x, 0.05, noise, s) for s in (1.0, 2.0, sigma0)}
+        reconstruction = (lb[2.0] - lb[1.0]) / (1 / 2 - 1 / 8)  # R_U
+        torch.testing.assert_close(lb[sigma0], lb[1.0] + reconstruction / 2 - reconstruction / (2 * sigma0**2),
+                                   rtol=1e-4, atol=1e-3)
 
 
 def test_sigma0_scales_the_reconstruction_term():
@@ -86,6 +139,36 @@ def test_bad_eps_is_rejected(bad_eps):
     model, x = small_model(), synthetic_images(2)
     with pytest.raises(ValueError, match="eps"):
         elbo_lower_bound(model, x, bad_eps, torch.zeros(2, model.latent_dim))
+
+
+@pytest.mark.parametrize("bad_sigma0", [0.0, -1.0])
+def test_bad_sigma0_is_rejected(bad_sigma0):
+    model, x = small_model(), synthetic_images(2)
+    with pytest.raises(ValueError, match=rf"^sigma0 must be > 0, got {bad_sigma0!r}$"):
+        elbo_lower_bound(model, x, 0.1, torch.zeros(2, model.latent_dim), sigma0=bad_sigma0)
+
+
+def test_per_example_eps_is_checked_and_takes_the_images_dtype():
+    model, x = small_model(), synthetic_images(3)
+    noise = torch.zeros(3, model.latent_dim)
+    with pytest.raises(ValueError, match=r"^per-example eps must have shape \(3,\), got \(2,\)$"):
+        elbo_lower_bound(model, x, torch.tensor([0.1, 0.1]), noise)
+    for bad in ([0.1, -0.1, 0.1], [0.1, float("inf"), 0.1], [0.1, float("nan"), 0.1]):
+        with pytest.raises(ValueError, match=r"^eps must be finite and >= 0 for every example$"):
+            elbo_lower_bound(model, x, torch.tensor(bad), noise)
+    radii = torch.tensor([0.0, 0.05, 0.1], dtype=torch.float64)  # a float64 eps must not turn the bound float64
+    box = input_box(x, radii)
+    assert box.lower.dtype == box.upper.dtype == torch.float32
+    together = elbo_lower_bound(model, x, radii, noise)
+    assert together.dtype == torch.float32
+    apart = torch.cat([elbo_lower_bound(model, x[i : i + 1], float(r), noise[i : i + 1]) for i, r in enumerate(radii)])
+    torch.testing.assert_close(together, apart)
+
+
+def test_the_default_ball_is_clipped():
+    model, x = small_model(), synthetic_images(4)
+    noise = torch.randn(4, model.latent_dim)
+    assert torch.equal(elbo_lower_bound(model, x, 0.1, noise), elbo_lower_bound(model, x, 0.1, noise, clip=True))
 
 
 def test_noise_of_the_wrong_shape_is_rejected():

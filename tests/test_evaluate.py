@@ -1,14 +1,10 @@
 """The evaluate stage's posterior diagnostic (active units and KL), which the sigma0 sweep reads."""
 
-import sys
-from pathlib import Path
-
 import torch
 
-from conftest import small_model, synthetic_images
+from provae.evaluation import posterior_usage
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "stages"))
-from evaluate import posterior_usage  # noqa: E402
+from conftest import small_model, synthetic_images
 
 
 def test_a_collapsed_posterior_has_no_active_units_and_zero_kl():

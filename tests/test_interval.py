@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from provae.interval import Interval, interval_exp, propagate
+from provae.interval import Interval, interval_exp, overflow_to_vacuous, propagate
 
 
 def test_linear_by_hand():
@@ -70,8 +70,25 @@ def test_exp_interval():
 
 
 def test_unknown_layer_raises():
-    with pytest.raises(TypeError, match="Tanh"):
+    supported = "Conv2d, ConvTranspose2d, Flatten, Linear, ReLU, Sequential, Sigmoid, Unflatten"
+    with pytest.raises(TypeError, match=f"no interval rule for layer Tanh; supported: {supported}$"):
         propagate(nn.Tanh(), Interval.point(torch.zeros(1)))
+
+
+def test_contains_by_hand():
+    """The tests' own yardstick: both ends count as inside, anything past them does not (unless by tol)."""
+    box = Interval(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 2.0]))
+    assert box.contains(torch.tensor([0.0, 2.0])) and box.contains(torch.tensor([1.0, 1.0]))
+    assert not box.contains(torch.tensor([1.5, 1.5])) and not box.contains(torch.tensor([-0.5, 1.5]))
+    assert not box.contains(torch.tensor([0.5, 2.5]))
+    assert box.contains(torch.tensor([1.5, 1.5]), tol=0.5) and not box.contains(torch.tensor([1.5, 1.5]), tol=0.4)
+
+
+def test_overflowed_ends_become_vacuous():
+    """An end that is not finite (inf, or NaN from inf - inf) says nothing: -inf below, +inf above."""
+    nan, inf = float("nan"), float("inf")
+    out = overflow_to_vacuous(torch.tensor([nan, inf, -inf, 1.0]), torch.tensor([nan, -inf, inf, 2.0]))
+    assert out.lower.tolist() == [-inf, -inf, -inf, 1.0] and out.upper.tolist() == [inf, inf, inf, 2.0]
 
 
 def test_interval_rejects_mismatched_shapes():
@@ -83,6 +100,8 @@ LAYERS = {
     "linear": (nn.Linear(12, 7), (12,)),
     "conv2d": (nn.Conv2d(2, 3, 4, stride=2, padding=1), (2, 6, 6)),
     "conv_transpose2d": (nn.ConvTranspose2d(3, 2, 4, stride=2, padding=1), (3, 3, 3)),
+    "conv_transpose2d_dilated": (nn.ConvTranspose2d(2, 2, 3, stride=2, padding=1, output_padding=1, dilation=2),
+                                 (2, 3, 3)),
     "relu": (nn.ReLU(), (5,)),
     "sigmoid": (nn.Sigmoid(), (5,)),
     "flatten": (nn.Flatten(), (2, 3, 3)),

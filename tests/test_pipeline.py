@@ -38,7 +38,7 @@ def test_repro_runs_every_stage_and_writes_the_report(project):
     repo, output = project
     models = ("mnist-0.0-0", "mnist-0.05-0")
     assert sorted(ran_stages(output)) == sorted(
-        ["data@mnist", "report", "attack_strength@mnist-0.05-0"]
+        ["data@mnist", "report", "attack_strength@mnist-0.05-0", "attack_budget@mnist-0.0-0"]
         + [f"{stage}@{model}" for stage in ("train", "evaluate", "fixed_encoder", "certify") for model in models])
     table = (repo / "reports" / "table1.csv").read_text().splitlines()
     assert len(table) == 3 and table[0].startswith("dataset,data,ball,eps_train,lb_train_mean,lb_train_std")
@@ -136,25 +136,25 @@ def test_fixed_encoder_drop_starts_at_zero_and_grows_with_eps_attack(project):
     assert "## MNIST" in (repo / "reports" / "fixed_encoder.md").read_text()
 
 
-def test_adding_an_eps_value_or_a_seed_runs_only_the_new_models(project, env):
-    """`dvc status` lists the stages `dvc repro` would run: only the new models' (and the report)."""
+def test_adding_a_model_to_the_grid_runs_only_that_model(project, env):
+    """`dvc status` lists the stages `dvc repro` would run: only the new model's (and the report)."""
     repo, _ = project
 
     def to_run() -> list[str]:
         return sorted(json.loads(run(["dvc", "status", "--json"], repo, env).stdout))
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["eps_train"].append(0.02)
+    params["grid"]["mnist-0.02-0"] = {"dataset": "mnist", "eps": 0.02, "seed": 0}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         assert to_run() == ["certify@mnist-0.02-0", "evaluate@mnist-0.02-0", "fixed_encoder@mnist-0.02-0", "report",
                             "train@mnist-0.02-0"]
-        params["eps_train"].pop()
-        params["seeds"].append(1)
+        del params["grid"]["mnist-0.02-0"]
+        params["grid"]["mnist-0.05-1"] = {"dataset": "mnist", "eps": 0.05, "seed": 1}  # a seed for one eps only
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         # attack_strength runs for its own list of models only.
-        assert to_run() == sorted(["report"] + [f"{stage}@mnist-{eps}-1" for stage in (
-            "train", "evaluate", "fixed_encoder", "certify") for eps in ("0.0", "0.05")])
+        assert to_run() == sorted(["report"] + [f"{stage}@mnist-0.05-1" for stage in (
+            "train", "evaluate", "fixed_encoder", "certify")])
     finally:
         run(["git", "checkout", "params.yaml"], repo, env)
 

@@ -1,13 +1,10 @@
 """The report's Table 1: the spread over seeds, and a dataset without paper values shown alone."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "stages"))
-from report import separated, show, spread, table1_markdown  # noqa: E402
+from provae.report.results import separated, show, spread
+from provae.report.table1 import table1_markdown
 
 
 def table_row(dataset: str, label: str, paper: float) -> dict:
