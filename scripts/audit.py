@@ -247,9 +247,12 @@ def check_outputs(project: Project) -> list[Verdict]:
             found[path] = obj.hash_info.value
             if target.is_dir():
                 files[path] = [f"{path}/{'/'.join(key)}" for key, _ in obj.iteritems()]
-    # A stage dvc.yaml no longer defines (with this params.yaml): its cached outputs are not known as such.
-    verdicts = [Verdict(f"output stage {stage}", "defined by dvc.yaml and params.yaml", "not defined: dvc.lock is stale",
-                        False) for stage in project.lock if stage not in defined]
+    # Stages dvc.yaml no longer defines (with this params.yaml): dvc.lock is stale, and DVC cannot say
+    # which of their outputs it caches.
+    stale = [stage for stage in project.lock if stage not in defined]
+    verdicts = [Verdict("outputs: dvc.lock's stages", "each defined by dvc.yaml with params.yaml",
+                        f"{len(stale)} not defined (dvc.lock is stale): {', '.join(stale[:4])}"
+                        + (f" and {len(stale) - 4} more" if len(stale) > 4 else ""), False)] if stale else []
     matched = 0
     for path, record in sorted(records.items()):
         problem = output_problem(path, found, records, files.get(path))

@@ -329,7 +329,14 @@ def test_outputs_check_names_missing_and_twice_recorded_paths(dvc_project):
     lock["stages"]["again"] = {"cmd": "true", "deps": [SINGLE]}  # two entries, one md5: listed together
     dvc_project.lock = lock["stages"]
     stale, _, twice, _ = audit.check_outputs(dvc_project)
-    assert (stale.check, stale.found, stale.passed) == ("output stage again", "not defined: dvc.lock is stale", False)
+    assert (stale.check, stale.expected, stale.found, stale.passed) == (
+        "outputs: dvc.lock's stages", "each defined by dvc.yaml with params.yaml",
+        "1 not defined (dvc.lock is stale): again", False)
+    lock["stages"].update({f"gone{i}": {"cmd": "true"} for i in range(3)})
+    assert audit.check_outputs(dvc_project)[0].found == "4 not defined (dvc.lock is stale): again, gone0, gone1, gone2"
+    lock["stages"]["gone3"] = {"cmd": "true"}
+    assert audit.check_outputs(dvc_project)[0].found == (
+        "5 not defined (dvc.lock is stale): again, gone0, gone1, gone2 and 1 more")
     assert twice.expected.endswith("(dvc.lock: make outs, again deps; use deps)")
     assert twice.found.startswith(f"dvc.lock records 2 different md5s for it ({SINGLE['md5']}: make outs, again deps; ")
 
