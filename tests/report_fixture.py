@@ -51,7 +51,7 @@ def params() -> dict:
     """params.yaml with the small grid: MNIST, EPS x SEEDS; the attack-strength check on eps_train 0.1."""
     settings = yaml.safe_load((ROOT / "params.yaml").read_text())
     settings.update(datasets=["mnist"], grid=product(["mnist"], list(EPS), list(SEEDS)))
-    settings["report"] = {"example_eps_train": list(EPS), "example_seed": 0}
+    settings["report"] = {"example_eps_train": list(EPS), "example_seed": 0, "reproduction": True}
     settings["evaluate"]["example_eps_attack"] = 0.1
     settings["attack_strength"]["models"] = product(["mnist"], [0.1], list(SEEDS))
     settings["attack_budget"]["models"] = product(["mnist"], [0.0], [0])
