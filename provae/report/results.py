@@ -50,7 +50,8 @@ def read_required(path: Path, what: str) -> Path:
 
 
 def model_id(dataset: str, eps: float, seed: int) -> str:
-    return f"{dataset}-eps{eps}-seed{seed}"
+    """The per-model output name, as the grid spells it (`mnist-eps0.01-seed2`)."""
+    return GridModel(dataset, float(eps), int(seed)).name
 
 
 def spread(values) -> dict:
