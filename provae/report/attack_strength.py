@@ -1,9 +1,8 @@
 """The attack-strength table (reports/attack_strength.md): no paper counterpart. Can any other
 attack beat the attack curve behind Figure 3? Each challenger's change of the mean attacked ELBO
-against `evaluate`'s curve, per model of `attack_strength.models` and ball, and per model with a
-failed check committed from an earlier run (reports/gpu_run/). Where a gated challenger beats the
-curve, the curve there is only an upper bound: `upper_bounds` says by how much, for this table,
-the attack-curve table and Figure 3.
+against `evaluate`'s curve, per model of `attack_strength.models` and ball. Where a gated
+challenger beats the curve, the curve there is only an upper bound: `upper_bounds` says by how
+much, for this table, the attack-curve table and Figure 3.
 """
 
 from __future__ import annotations
@@ -24,12 +23,10 @@ def point(ball: str, eps_attack: float) -> tuple[str, float]:
 
 @dataclass(frozen=True)
 class StrengthCheck:
-    """One model's attack-strength check: the stage's CSV, or (``failed``) a failed check committed
-    from an earlier run for a model the stage does not list."""
+    """One model's attack-strength check: the stage's CSV."""
 
     table: pd.DataFrame
     path: Path
-    failed: bool
 
     def upper_bounds(self) -> dict[tuple[str, float], tuple[float, str]]:
         """(ball, eps_attack) -> (fall, challenger) where a gated challenger beats the curve: the
@@ -44,16 +41,12 @@ class StrengthCheck:
 
 def strength_checks(results: Results) -> dict:
     """Model key -> its StrengthCheck, in the grid's order: each model of `attack_strength.models`
-    (its CSV is required), and each other model whose failed check exists."""
+    (its CSV is required)."""
     checks = {}
     for m in models_of_grid(results.params, "attack_strength"):
         key = (m.dataset, m.eps, m.seed)
         path = read_required(results.patterns.path("strength", *key), "run attack_strength first")
-        checks[key] = StrengthCheck(pd.read_csv(path), path, False)
-    for key in results.keys():
-        path = results.patterns.path("failed_strength", *key) if results.patterns.failed_strength else None
-        if key not in checks and path is not None and path.exists():
-            checks[key] = StrengthCheck(pd.read_csv(path), path, True)
+        checks[key] = StrengthCheck(pd.read_csv(path), path)
     return {key: checks[key] for key in results.keys() if key in checks}
 
 
@@ -73,10 +66,6 @@ def upper_bound_note(fall: float, challenger: str) -> str:
     return f"upper bound: {who} lowers it by {fall:.2f} nats"
 
 
-def failed_source(check: StrengthCheck) -> str:
-    return f"a failed check of an earlier run ({check.path.parent.name}/{check.path.name}), not made by the attack_strength stage"
-
-
 def attack_strength_markdown(results: Results, checks: dict) -> str:
     """Per model and ball: each challenger's change of the mean attacked ELBO against the curve."""
     lines = ["# Attack strength: can any other attack beat the attack curve?", "",
@@ -87,8 +76,7 @@ def attack_strength_markdown(results: Results, checks: dict) -> str:
              "which fails the stage, and the curve there is only an upper bound ('upper bound: 4x steps lowers it by "
              "X nats': the largest fall among the challengers beyond the tolerance, named unless it is 4x steps). "
              "Settings marked 'cheaper' are not gated: where they stay within the tolerance too, the curve's budget "
-             "is more than it needs. Sections marked 'failed check' are committed from an earlier run "
-             "(reports/gpu_run/), for models the stage does not list.", ""]
+             "is more than it needs.", ""]
     for (dataset, eps, seed), check in checks.items():
         table, marks = check.table, check.upper_bounds()
         rows = []
@@ -105,26 +93,22 @@ def attack_strength_markdown(results: Results, checks: dict) -> str:
                     for a, c, beaten in zip(runs["eps_attack"], runs["change"], runs["beats_curve"])}})
         gated = table[table["gated"]]
         worst = gated.loc[gated["change"].idxmin()]
-        lines += [f"## {results.labels[dataset]}, {model_name(eps)}, seed {seed}"
-                  + (": failed check" if check.failed else ""), "",
-                  *([f"From {failed_source(check)}.", ""] if check.failed else []),
+        lines += [f"## {results.labels[dataset]}, {model_name(eps)}, seed {seed}", "",
                   f"Columns: eps_attack. Largest fall by a challenger: {worst['change']:+.2f} nats ({worst['challenger']}, "
                   f"{worst['ball']}, eps_attack {worst['eps_attack']:g}; tolerance there {worst['tolerance']:.2f}).", "",
                   pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
     return "\n".join(lines)
 
 
-def attack_strength_quantities(results: Results, src, models, failed_pattern: str | None, reference_eps: float,
-                               params_path) -> dict:
+def attack_strength_quantities(results: Results, src, models, reference_eps: float, params_path) -> dict:
     """REPRODUCTION.md's attack section: does any challenger lower the curve beyond the tolerance
-    (the checked models), how far above it the previous attack (fixed-step PGD) and the
-    residual-sign corner end, and what the failed checks of the VAEs (the GPU run's CSVs) found."""
+    (the checked models), and how far above it the previous attack (fixed-step PGD) and the
+    residual-sign corner end."""
     from provae.report.reproduction import listing
 
-    def changes(table, path, challenger, eps_from=0.0, ball=None, fmt="{:+.2f}", sign=1):
+    def changes(table, path, challenger, eps_from=0.0, fmt="{:+.2f}", sign=1):
         """Each row's change of the curve (``sign`` -1: as a fall, positive)."""
         rows = table[(table["challenger"] == challenger) & (table["eps_attack"] >= eps_from)]
-        rows = rows if ball is None else rows[rows["ball"] == ball]
         return [src.q(sign * r.change, fmt, path, f"row ball={r.ball}, eps_attack={r.eps_attack:g}, challenger={challenger}, "
                       f"column change{' (negated)' if sign < 0 else ''}") for r in rows.itertuples()]
 
@@ -151,19 +135,4 @@ def attack_strength_quantities(results: Results, src, models, failed_pattern: st
         out["pgd_most_below"] = max([q for t, p in checked.values() for q in changes(t, p, "fixed_step_pgd", reference_eps,
                                                                                        fmt="{:.2f}", sign=-1)], key=lambda q: q.value)
         out["residual_sign"] = src.span([q for t, p in checked.values() for q in changes(t, p, "residual_sign")], "{:.1f}")
-    out["failed"] = []
-    for dataset in results.datasets:
-        for key in results.keys(dataset, 0.0):
-            path = Path(failed_pattern.format(dataset=key[0], eps=key[1], seed=key[2])) if failed_pattern else None
-            if path is None or not path.exists():
-                continue
-            table = pd.read_csv(path)
-            head = results.headline
-            out["failed"].append({
-                "label": results.labels[dataset], "seed": key[2],
-                "steps": src.span(changes(table, path, "apgd_4x_steps", reference_eps, head, sign=-1), "{:.1f}"),
-                "pgd": src.span(changes(table, path, "fixed_step_pgd", reference_eps, head), "{:.1f}"),
-                "residual_sign": src.span(changes(table, path, "residual_sign", 0.0, head), "{:.0f}"),
-                "beaten_at": listing(src.q(a, "{:g}", path, "") for a in sorted(table[table["beats_curve"] & table["gated"]
-                                                                                   & (table["ball"] == head)]["eps_attack"].unique()))})
     return out

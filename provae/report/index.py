@@ -53,8 +53,8 @@ def index_markdown(results: Results, entries: list[tuple[str, str, list]]) -> st
               "| certify/*/ | per-model certified bounds (each of `certify.methods`) over eps_attack, and certified radii | each |",
               "| attack_strength/*.csv, attack_budget/*.csv | per-model attack-strength checks and attack-budget ladders "
               "(tables: attack_strength.md, attack_budget.md) | their own |",
-              "| gpu_run/ | the logs of the lent GPU's run (`scripts/run_grid.py`), as they came back, with its failed "
-              "attack-strength checks (shown in attack_strength.md): not made by this stage | |",
+              "| gpu_run/ | the logs of the lent GPU's run (`scripts/run_grid.py`), as they came back: not made by "
+              "this stage | |",
               "| sigma0_sweep/, training_length/ | DVC experiments at other sigma0 or training lengths, beside the committed "
               "models (`scripts/sigma0_sweep.py collect`): not made by this stage | their own |",
               "", "## Models", "",
@@ -64,6 +64,11 @@ def index_markdown(results: Results, entries: list[tuple[str, str, list]]) -> st
         lines.append(f"| {model_id(*key)} | `{results.md5[key]}` | {details['training']['device']} | "
                      f"{details['training']['seconds']} | {details['device']} | {details['seconds']} |")
     return "\n".join(lines) + "\n"
+
+
+def device_label(device: str) -> str:
+    """details.json's device ('cpu' or the CUDA device's name) as the page writes it."""
+    return "CPU" if device == "cpu" else device
 
 
 def run_quantities(results: Results, src, params_path, data_pattern: str, reference_eps: float) -> dict:
@@ -80,13 +85,15 @@ def run_quantities(results: Results, src, params_path, data_pattern: str, refere
         return src.q(value, fmt, params_path, dotted)
 
     def seconds(keys, field):
-        values = []
+        """'9-30 s on NVIDIA H200 and 2410 s on CPU': a span per device, since the devices differ 100-fold."""
+        by_device: dict[str, list] = {}
         for key in keys:
             path = results.patterns.path("eval", *key) / "details.json"
             details = results.details[key]
-            value = details["training"]["seconds"] if field == "training" else details["seconds"]
-            values.append(src.q(value, "{:.0f}", path, f"key {'training.seconds' if field == 'training' else 'seconds'}"))
-        return src.span(values, "{:.0f}")
+            run = details["training"] if field == "training" else details
+            by_device.setdefault(run["device"], []).append(
+                src.q(run["seconds"], "{:.0f}", path, f"key {'training.seconds' if field == 'training' else 'seconds'}"))
+        return listing(f"{src.span(values, '{:.0f}')} s on {device_label(device)}" for device, values in sorted(by_device.items()))
 
     sigma0 = params["model"]["sigma0"]
     vaes = [k for k in results.keys() if k[1] == 0]
@@ -116,8 +123,9 @@ def run_quantities(results: Results, src, params_path, data_pattern: str, refere
         "latent_steps": p("evaluate.latent_attack_steps"), "score_samples": p("evaluate.score_samples"),
         "certify_examples": p("certify.examples"), "reference_eps": src.q(reference_eps, "{:g}", params_path,
                                                                             "evaluate.example_eps_attack"),
-        "train_devices": listing(sorted({results.details[k]["training"]["device"] for k in results.keys()})),
-        "eval_devices": listing(sorted({results.details[k]["device"] for k in results.keys()})),
+        "train_devices": listing(sorted({device_label(results.details[k]["training"]["device"]) for k in results.keys()})),
+        "eval_devices": listing(sorted({device_label(results.details[k]["device"]) for k in results.keys()})),
+        "on_cpu": any("cpu" in (results.details[k]["device"], results.details[k]["training"]["device"]) for k in results.keys()),
         "vae_train_s": seconds(vaes, "training"), "robust_train_s": seconds(robust, "training"),
         "eval_s": seconds(results.keys(), "evaluation"),
         "violations": src.q(sum(results.metrics[k]["violations"] for k in results.keys()), "{:d}",

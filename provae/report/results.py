@@ -37,7 +37,6 @@ class Patterns:
     data: str
     certify: str
     budget: str                          # the attack-budget ladder per model (attack_budget.models)
-    failed_strength: str | None = None   # a failed attack-strength check per model, read where it exists
 
     def path(self, kind: str, dataset: str, eps: float, seed: int | None = None) -> Path:
         return Path(getattr(self, kind).format(dataset=dataset, eps=eps, seed=seed))
