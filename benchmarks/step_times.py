@@ -4,6 +4,9 @@ Paper architecture (MNIST by default, or --dataset cifar10), batch 128, CPU, one
 Targets (issue "Core"): proVAE / VAE step ratio <= 2.2; PGD step <= 1.3 x ELBO fwd+bwd; APGD step (EOT 1)
 <= 1.3 x ELBO fwd+bwd. An APGD step is the marginal cost of one more step: (run of --apgd-steps steps - run
 of 0 steps) / --apgd-steps. With EOT k it is compared with k ELBO fwd+bwd at the same batch (one per draw).
+Beside the proVAE (IBP) step: the "elbo_crown" training step (issue 22: the linear bound of the ELBO on IBP's
+boxes mixed with IBP's, provae.elbo_crown; mix 0.5, mid-ramp: every mix in (0, 1] costs the same) and its
+ratio to the IBP step (target <= 3-5).
 
     python benchmarks/step_times.py [--repeats 30] [--threads N] [--apgd-steps 10] [--attacks-only]
 """
@@ -61,9 +64,9 @@ def main() -> None:
     x = torch.rand((args.batch_size, *model.config.image_shape), generator=generator)
     noise = torch.randn((args.batch_size, model.latent_dim), generator=generator)
 
-    def train_step(eps: float):
+    def train_step(eps: float, **bound):
         def step():
-            loss = -training_objective(model, x, eps, noise, sigma0=1.0).mean()
+            loss = -training_objective(model, x, eps, noise, sigma0=1.0, **bound).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -88,7 +91,8 @@ def main() -> None:
 
     if args.apgd_steps < 1:
         parser.error("--apgd-steps must be >= 1")
-    functions = {} if args.attacks_only else {"vae": train_step(0.0), "provae": train_step(args.eps)}
+    functions = {} if args.attacks_only else {"vae": train_step(0.0), "provae": train_step(args.eps),
+                                              "elbo_crown": train_step(args.eps, bound="elbo_crown", mix=0.5)}
     functions.update({"fwd_bwd": elbo_fwd_bwd, "pgd": pgd_step})
     for eot in (1, args.eot):
         functions[f"apgd_eot{eot}_0"] = apgd_run(eot, 0)
@@ -108,6 +112,8 @@ def main() -> None:
             "vae_train_step_ms": round(vae, 2),
             "provae_train_step_ms": round(provae, 2),
             "provae_over_vae": round(provae / vae, 3),
+            "elbo_crown_train_step_ms": round(ms["elbo_crown"], 2),
+            "elbo_crown_over_provae": round(ms["elbo_crown"] / provae, 3),
         })
     result.update({
         "elbo_fwd_bwd_ms": round(fwd_bwd, 2),

@@ -138,7 +138,8 @@ def latent_lines(on_z: Tensor, log_sigma: Interval, noise: Tensor,
                  points: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """on_z . z >= on_m . m + const for z = mu + exp(l) e, l in its box: on_z e_j exp(l_j) takes
     exp's tangent (at ``points``, default where it is parallel to the chord) where on_z e_j >= 0
-    and its chord over [l_L, l_U] elsewhere. on_z [..., k] -> on_m [..., 2k] (mu's, then l's), const."""
+    and its chord over [l_L, l_U] elsewhere (both finite, with finite gradients, wherever exp(l_U)
+    is). on_z [..., k] -> on_m [..., 2k] (mu's, then l's), const."""
     points = exp_parallel_point(log_sigma.lower, log_sigma.upper) if points is None else points
     on_exp = on_z * noise
     slope, intercept = _pick(on_exp >= 0, exp_tangent(points), exp_chord(log_sigma.lower, log_sigma.upper))
@@ -147,7 +148,8 @@ def latent_lines(on_z: Tensor, log_sigma: Interval, noise: Tensor,
 
 def kl_lines(mu: Interval, log_sigma: Interval) -> tuple[Tensor, Tensor]:
     """-KL >= on_m . m + const for mu, l in their boxes ([B, k] each): -1/2 (mu^2 + exp(2 l)) >=
-    -1/2 (their chords); the rest, -1/2 (-2 l - 1), exactly. -> on_m [B, 2k], const [B]."""
+    -1/2 (their chords; exp(2 l)'s finite, with finite gradients, wherever exp(2 l_U) is); the rest,
+    -1/2 (-2 l - 1), exactly. -> on_m [B, 2k], const [B]."""
     mu_chord, exp2_chord = square_chord(mu.lower, mu.upper), exp_chord(log_sigma.lower, log_sigma.upper, rate=2.0)
     on_m = torch.cat([-0.5 * mu_chord.slope, 1 - 0.5 * exp2_chord.slope], -1)
     return on_m, -0.5 * (mu_chord.intercept + exp2_chord.intercept - 1).sum(-1)

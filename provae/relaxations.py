@@ -7,7 +7,8 @@ every t in its interval [a, b] (a <= b, tensors of one shape; a == b allowed):
 - convex f, the chord is an upper line: f(t) <= f(a) + (f(b) - f(a)) (t - a) / (b - a);
 - convex f, a tangent is a lower line (everywhere): f(t) >= f(c) + f'(c) (t - c);
 - the square: t^2 <= (a + b) t - a b (its chord);
-- exp(r t), r > 0: its chord above; exp's tangents below;
+- exp(r t), r > 0: its chord above; exp's tangents below (both finite, with finite gradients,
+  wherever exp(r b) is: no e^{r (b - a)} is formed on wide intervals);
 - sigmoid (neither convex nor concave): two parallel lines, the intercepts from the extreme gaps
   of sigmoid(t) - slope * t over [a, b], found where they can be (the ends, and the points where
   sigmoid' = slope), never from a formula that assumes convexity.
@@ -45,9 +46,17 @@ def _expm1_ratio(w: Tensor) -> Tensor:
 
 def exp_chord(a: Tensor, b: Tensor, rate: float = 1.0) -> Line:
     """exp(r t) <= exp(r a) + s (t - a) on [a, b], s = (exp(r b) - exp(r a)) / (b - a), the chord's
-    slope, computed as r exp(r a) (e^{r w} - 1) / (r w) with w = b - a (r exp(r a) at a == b)."""
+    slope, with w = b - a: r exp(r a) (e^{r w} - 1) / (r w) where r w <= 1 (expm1: no cancellation;
+    r exp(r a) at a == b), the difference quotient itself where wider. So it is finite, with a
+    finite gradient, wherever exp(r b) is: the product form overflows once r w > 88 (inf, or
+    0 * inf = NaN), and each form is fed only its own intervals (the other's overflow would put a
+    NaN into the gradient)."""
+    width = b - a
+    narrow = rate * width <= 1
     start = torch.exp(rate * a)
-    slope = rate * start * _expm1_ratio(rate * (b - a))
+    near = rate * start * _expm1_ratio(torch.where(narrow, rate * width, torch.zeros_like(width)))
+    far = (torch.exp(rate * b) - start) / torch.where(narrow, torch.ones_like(width), width)
+    slope = torch.where(narrow, near, far)
     return Line(slope, start - slope * a)
 
 
@@ -59,9 +68,15 @@ def exp_tangent(c: Tensor) -> Line:
 
 def exp_parallel_point(a: Tensor, b: Tensor) -> Tensor:
     """The point of [a, b] where exp's tangent is parallel to its chord: c = a + log((e^w - 1) / w),
-    which lies in [a, b]; the tangent there is the lower line closest to the chord (the smallest
-    largest gap)."""
-    return torch.minimum(a + torch.log(_expm1_ratio(b - a)), b)
+    w = b - a, which lies in [a, b]; the tangent there is the lower line closest to the chord (the
+    smallest largest gap). For w > 1 as c = a + w + log1p(-e^-w) - log w: no e^w, which overflows
+    once w > 88 (the point would be b, and its gradient NaN)."""
+    width = b - a
+    narrow = width <= 1
+    near = torch.log(_expm1_ratio(torch.where(narrow, width, torch.zeros_like(width))))
+    w = torch.where(narrow, torch.ones_like(width), width)
+    far = w + torch.log1p(-torch.exp(-w)) - torch.log(w)
+    return torch.minimum(a + torch.where(narrow, near, far), b)
 
 
 def sigmoid_chord_slope(a: Tensor, b: Tensor) -> Tensor:

@@ -55,21 +55,59 @@ def minibatches(data: Tensor, batch_size: int, generator: torch.Generator | None
         yield data[order[start : start + batch_size]]
 
 
+BOUNDS = ("ibp", "elbo_crown")
+
+
+def crown_ibp_weight(schedule: EpsSchedule, progress: float, final: float = 0.0) -> float:
+    """k, the weight of the "elbo_crown" bound in the objective at ``progress`` (fractional epochs):
+    1 until the eps ramp starts, then linear to ``final`` at its end, then ``final`` (CROWN-IBP's
+    beta, 1 -> 0 over the ramp: Zhang et al. 2020, section 3). The tighter bound steers the early,
+    small-eps training, where IBP's boxes are loosest relative to the ELBO; at eps_train the
+    objective is IBP's bound again (``final`` 0), the certificate the pipeline reports. Without a
+    ramp (``ramp_epochs`` 0) eps jumps at the end of the warm-up, and so does k. During the warm-up
+    eps is 0, where every bound is the ELBO and k does not matter."""
+    if not 0.0 <= final <= 1.0:
+        raise ValueError(f"final must lie in [0, 1], got {final}")
+    if progress < schedule.warmup_epochs:
+        return 1.0
+    if schedule.ramp_epochs == 0:
+        return final
+    fraction = min(1.0, (progress - schedule.warmup_epochs) / schedule.ramp_epochs)
+    return 1.0 - (1.0 - final) * fraction
+
+
 def training_objective(
-    model: VAE, x: Tensor, eps: float, noise: Tensor, sigma0: float, clean_weight: float = 0.0, clip: bool = True
+    model: VAE, x: Tensor, eps: float, noise: Tensor, sigma0: float, clean_weight: float = 0.0, clip: bool = True,
+    bound: str = "ibp", mix: float = 1.0,
 ) -> Tensor:
-    """Per-example objective to maximise: (1 - k) * LB_e(x, eps) + k * ELBO_e(x), k = clean_weight.
+    """Per-example objective to maximise: (1 - w) * LB + w * ELBO_e(x), w = clean_weight.
+
+    ``bound`` "ibp" (the default): LB = LB_e(x, eps), IBP's certificate (method.md steps 1-6).
+    "elbo_crown": LB = mix * LB_crown + (1 - mix) * LB_e(x, eps), LB_crown the linear bound of the
+    ELBO itself on IBP's boxes (``provae.elbo_crown``; CROWN-IBP, Zhang et al. 2020), both from one
+    IBP pass; with mix 0 it is IBP's alone (the same numbers as "ibp"). Every LB is a lower bound
+    of ELBO_e(x') over the ball, and so is their mix. ``mix`` is ignored with "ibp".
 
     At eps = 0 the bound *is* the ELBO, so the cheaper plain forward pass is used.
     """
+    if bound not in BOUNDS:
+        raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
     if not 0.0 <= clean_weight <= 1.0:
         raise ValueError(f"clean_weight must lie in [0, 1], got {clean_weight}")
+    if bound == "elbo_crown" and not 0.0 <= mix <= 1.0:
+        raise ValueError(f"mix must lie in [0, 1], got {mix}")
     if eps == 0.0 or clean_weight == 1.0:
         return elbo(model, x, noise, sigma0)
-    bound = elbo_lower_bound(model, x, eps, noise, sigma0, clip)
+    if bound == "ibp" or mix == 0.0:
+        lower = elbo_lower_bound(model, x, eps, noise, sigma0, clip)
+    else:
+        from .elbo_crown import elbo_crown_ibp_bounds  # here: the "ibp" path (the train stage's) imports none of it
+
+        both = elbo_crown_ibp_bounds(model, x, eps, noise, sigma0, clip)
+        lower = both.linear if mix == 1.0 else mix * both.linear + (1.0 - mix) * both.ibp
     if clean_weight == 0.0:
-        return bound
-    return (1.0 - clean_weight) * bound + clean_weight * elbo(model, x, noise, sigma0)
+        return lower
+    return (1.0 - clean_weight) * lower + clean_weight * elbo(model, x, noise, sigma0)
 
 
 def train_epoch(
@@ -84,22 +122,30 @@ def train_epoch(
     clean_weight: float = 0.0,
     clip: bool = True,
     generator: torch.Generator | None = None,
+    bound: str = "ibp",
+    final_mix: float = 0.0,
 ) -> dict[str, float]:
     """One epoch of gradient ascent on the mean objective; eps follows ``schedule`` per step.
 
-    Returns the epoch's mean objective and the eps reached. A non-finite loss raises
+    ``bound``: the objective's lower bound (:func:`training_objective`); with "elbo_crown" its
+    weight k follows :func:`crown_ibp_weight` (1 at the start of the ramp, ``final_mix`` at its
+    end) per step. Returns the epoch's mean objective and the eps reached (and, with
+    "elbo_crown", the last step's k as "mix"). A non-finite loss raises
     :class:`NonFiniteLossError` naming the epoch and batch. On the CPU it is caught before any
     parameter is touched; on a GPU the check waits for the end of the epoch, since reading a loss
     back every step would stall the device (the model is then never saved either way).
     ``generator`` draws the noise and must live on the model's device.
     """
+    if bound not in BOUNDS:
+        raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
     model.train()
     check_each_step = next(model.parameters()).device.type == "cpu"
-    total, count, eps, losses = 0.0, 0, schedule(epoch), []
+    total, count, eps, losses, mix = 0.0, 0, schedule(epoch), [], None
     for step, x in enumerate(batches):
         eps = schedule(epoch + step / steps_per_epoch)
         noise = torch.randn((x.shape[0], model.latent_dim), generator=generator, device=x.device)
-        objective = training_objective(model, x, eps, noise, sigma0, clean_weight, clip)
+        mix = crown_ibp_weight(schedule, epoch + step / steps_per_epoch, final_mix) if bound != "ibp" else 1.0
+        objective = training_objective(model, x, eps, noise, sigma0, clean_weight, clip, bound, mix)
         loss = -objective.mean()
         if check_each_step and not torch.isfinite(loss):
             raise _non_finite(loss.item(), epoch, step, eps)
@@ -114,7 +160,10 @@ def train_epoch(
         if not bool(finite.all()):
             step = int((~finite).nonzero()[0])
             raise _non_finite(losses[step].item(), epoch, step, schedule(epoch + step / steps_per_epoch))
-    return {"objective": float(total) / max(count, 1), "eps": eps}
+    stats = {"objective": float(total) / max(count, 1), "eps": eps}
+    if bound != "ibp":
+        stats["mix"] = crown_ibp_weight(schedule, epoch, final_mix) if mix is None else mix
+    return stats
 
 
 def _non_finite(loss: float, epoch: int, step: int, eps: float) -> NonFiniteLossError:

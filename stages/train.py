@@ -21,8 +21,8 @@ from provae.data import DataError, check_dataset_name, load_prepared
 from provae.files import file_digest
 from provae.model import make_model, save_checkpoint
 from provae.runtime import derived_seed, device_generator, resolve_device, reuse_freed_memory, seed_everything
-from provae.training import (EpsSchedule, NonFiniteLossError, TrainingState, load_training_state, mean_bound_and_elbo,
-                             minibatches, save_training_state, train_epoch)
+from provae.training import (BOUNDS, EpsSchedule, NonFiniteLossError, TrainingState, load_training_state,
+                             mean_bound_and_elbo, minibatches, save_training_state, train_epoch)
 
 MONITORED = ("train/objective", "train/eps", "test/bound_at_eps_train", "test/elbo")
 
@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="checkpoint to write")
     parser.add_argument("--live", required=True, help="DVCLive folder for the training curves")
     parser.add_argument("--state", required=True, help="resumable training state, kept until the run completes")
+    parser.add_argument("--bound", choices=BOUNDS, default="ibp",
+                        help="the objective's lower bound: ibp (default), or elbo_crown, the linear bound of the ELBO "
+                             "on IBP's boxes mixed with IBP's, its weight 1 -> 0 over the eps ramp (CROWN-IBP)")
     args = parser.parse_args()
     params = load_params()
     p, sigma0, clip, seed = params["train"], params["model"]["sigma0"], params["clip"], args.seed
@@ -60,6 +63,9 @@ def main() -> None:
     fingerprint = {"dataset": args.dataset, "eps_train": args.eps_train, "seed": seed, "sigma0": sigma0, "clip": clip,
                    "latent_dim": params["model"]["latent_dim"], "data_md5": data_md5,
                    "train": {key: value for key, value in p.items() if key != "device"}}
+    # Recorded only when not the default, so the default run's state and checkpoint stay as they were.
+    bound_setting = {} if args.bound == "ibp" else {"bound": args.bound}
+    fingerprint.update(bound_setting)
 
     state, why = load_training_state(args.state, fingerprint)
     print(why, flush=True)
@@ -88,7 +94,8 @@ def main() -> None:
                            desc=f"{args.dataset} eps={args.eps_train:g} seed={seed} epoch {epoch + 1}/{p['epochs']}",
                            disable=not interactive, leave=False)
             stats = train_epoch(model, optimizer, batches, schedule, epoch=epoch, steps_per_epoch=steps_per_epoch,
-                                sigma0=sigma0, clean_weight=p["clean_weight"], clip=clip, generator=generators["noise"])
+                                sigma0=sigma0, clean_weight=p["clean_weight"], clip=clip, generator=generators["noise"],
+                                bound=args.bound)
             # Same noise every epoch, so the curve shows the model changing, not the draw.
             monitor = mean_bound_and_elbo(model, monitor_images, args.eps_train, sigma0=sigma0, clip=clip,
                                           generator=device_generator(device, seed))
@@ -110,7 +117,7 @@ def main() -> None:
         "eps_train": args.eps_train, "sigma0": sigma0, "clip": clip, "seed": seed, "train_params": p,
         "latent_dim": params["model"]["latent_dim"], "train_examples": int(train_images.shape[0]),
         "torch": str(torch.__version__), "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "resumed_after_epoch": first_epoch or None,
+        "resumed_after_epoch": first_epoch or None, **bound_setting,
         "wall_time_s": round(resumed_seconds + time.time() - started, 1),
     }
     save_checkpoint(args.model, model.cpu(), metadata)

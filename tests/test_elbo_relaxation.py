@@ -76,6 +76,42 @@ def test_exp_chord_is_above_and_exact_at_the_ends(rate, scale):
         assert _holds(line(end), torch.exp(rate * end), line, end)
 
 
+def _chord_slope64(a, b, rate):
+    """The chord's slope in float64, from the same float32 ends: (exp(r b) - exp(r a)) / (b - a),
+    r exp(r a) at a == b."""
+    a, b = a.double(), b.double()
+    width = torch.where(b > a, b - a, torch.ones_like(a))
+    return torch.where(b > a, (torch.exp(rate * b) - torch.exp(rate * a)) / width, rate * torch.exp(rate * a))
+
+
+@pytest.mark.parametrize("rate", [1.0, 2.0])
+@pytest.mark.parametrize("scale", [0.5, 5.0, 20.0])
+def test_exp_chord_slope_is_the_chords(rate, scale):
+    """The slope is the chord's to float32 rounding, on narrow intervals (the expm1 form) and wide
+    ones (the difference quotient) alike."""
+    a, b = _intervals(scale)
+    line = exp_chord(a, b, rate)
+    torch.testing.assert_close(line.slope.double(), _chord_slope64(a, b, rate), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("a, b, rate", [(-100.0, -5.0, 2.0), (-50.0, 40.0, 2.0), (-60.0, 60.0, 1.0)])
+def test_exp_chord_is_finite_on_wide_intervals(a, b, rate):
+    """r (b - a) far above 88, exp(r b) finite: the product form r exp(r a) expm1(r w) / (r w)
+    overflows (inf, or 0 * inf = NaN where exp(r a) underflows); the chord is finite, above exp on
+    the interval, exact at its ends, and its gradient is finite."""
+    a, b = torch.tensor([a], requires_grad=True), torch.tensor([b], requires_grad=True)
+    line = exp_chord(a, b, rate)
+    assert torch.isfinite(line.slope).all() and torch.isfinite(line.intercept).all()
+    torch.testing.assert_close(line.slope.double(), _chord_slope64(a.detach(), b.detach(), rate), rtol=1e-5, atol=0)
+    with torch.no_grad():
+        t = torch.cat([torch.linspace(a.item(), b.item(), 1001), a, b])
+        terms = (line.slope * t).abs() + line.intercept.abs()  # the line's own terms cancel at the low end
+        assert (torch.exp(rate * t) <= line(t) + 1e-6 * terms).all()
+        torch.testing.assert_close(line(b), torch.exp(rate * b), rtol=1e-5, atol=0)
+    (line.slope + line.intercept).sum().backward()
+    assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+
+
 @pytest.mark.parametrize("scale", [0.5, 5.0, 20.0])
 def test_exp_tangent_is_below_everywhere_and_exact_at_its_point(scale):
     a, b = _intervals(scale)
@@ -91,6 +127,22 @@ def test_exp_parallel_point_by_hand():
     """On [0, 1] the chord's slope is e - 1: the tangent with that slope touches at log(e - 1)."""
     c = exp_parallel_point(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 2.0]))
     torch.testing.assert_close(c, torch.tensor([math.log(math.e - 1), 2.0]))
+
+
+def test_exp_parallel_point_is_where_the_tangent_has_the_chords_slope():
+    """c = a + log((e^w - 1) / w) (float64 reference), exp(c) = the chord's slope; for w = 120, where
+    e^w overflows float32 (the point would be b), finite, with finite gradients."""
+    a, b = _intervals(20.0)
+    c = exp_parallel_point(a, b)
+    w = (b - a).double()
+    reference = a.double() + torch.where(w > 0, torch.log(torch.expm1(w) / torch.where(w > 0, w, 1.0)), 0.0)
+    torch.testing.assert_close(c.double(), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.exp(c), exp_chord(a, b).slope, rtol=1e-4, atol=1e-6)
+    wide_a, wide_b = torch.tensor([-60.0], requires_grad=True), torch.tensor([60.0], requires_grad=True)
+    point = exp_parallel_point(wide_a, wide_b)
+    point.sum().backward()
+    assert torch.isfinite(point).all() and torch.isfinite(wide_a.grad).all() and torch.isfinite(wide_b.grad).all()
+    assert point.item() == pytest.approx(60 + math.log1p(-math.exp(-120)) - math.log(120), abs=1e-4)
 
 
 @pytest.mark.parametrize("scale", [0.5, 5.0, 50.0])
@@ -219,6 +271,46 @@ def test_kl_lines_are_below_minus_the_kl():
     mus, ls = _inside(mu, 3000, 19), _inside(log_sigma, 3000, 20)
     value = -kl_divergence(mus.view(-1, 6), ls.view(-1, 6)).view(3000, 5)
     assert bool((value >= (on_m * torch.cat([mus, ls], -1)).sum(-1) + const - 1e-4 * (1 + value.abs())).all())
+
+
+def _l_box(shape, scale, seed):
+    """Random boxes, the lower end in [-scale, scale]; with scale "wide", l boxes within [-100, 40]
+    up to 140 wide (exp(2 l) and exp(l) stay finite; e^{r w} of the product form of their chords
+    does not, once r w > 88)."""
+    g = torch.Generator().manual_seed(seed)
+    if scale == "wide":
+        low = -100 * torch.rand(shape, generator=g)
+        return Interval(low, low + torch.rand(shape, generator=g) * (40 - low))
+    low = (torch.rand(shape, generator=g) * 2 - 1) * scale
+    return Interval(low, low + torch.rand(shape, generator=g) * scale)
+
+
+@pytest.mark.parametrize("scale", [1.0, "wide"])
+def test_latent_lines_are_finite_and_below_on_wide_boxes(scale):
+    """on_z . (mu + exp(l) e) >= on_m . (mu, l) + const for every mu and every l in its box, also
+    on l intervals wide enough that the product form of exp's chord overflows."""
+    log_sigma = _l_box((5, 6), scale, 11)
+    on_z, noise = _mixed_signs((5, 6), 12), _mixed_signs((5, 6), 13)
+    on_m, const = latent_lines(on_z, log_sigma, noise)
+    assert torch.isfinite(on_m).all() and torch.isfinite(const).all()
+    ls, mus = _inside(log_sigma, 3000, 15), _mixed_signs((3000, 5, 6), 16) * 3
+    value = (on_z * (mus + torch.exp(ls) * noise)).sum(-1)
+    line = (on_m * torch.cat([mus, ls], -1)).sum(-1) + const
+    terms = (on_m * torch.cat([mus, ls], -1)).abs().sum(-1) + const.abs()  # rounding of the line's own terms
+    assert bool((value >= line - 1e-5 * (1 + value.abs() + terms)).all())
+
+
+@pytest.mark.parametrize("scale", [1.0, "wide"])
+def test_kl_lines_are_finite_and_below_on_wide_boxes(scale):
+    """-KL >= on_m . (mu, l) + const for every mu and every l in their boxes, also on wide l boxes."""
+    mu, log_sigma = _l_box((5, 6), 1.5 if scale == 1.0 else 40.0, 17), _l_box((5, 6), scale, 18)
+    on_m, const = kl_lines(mu, log_sigma)
+    assert torch.isfinite(on_m).all() and torch.isfinite(const).all()
+    mus, ls = _inside(mu, 3000, 19), _inside(log_sigma, 3000, 20)
+    value = -kl_divergence(mus.view(-1, 6), ls.view(-1, 6)).view(3000, 5)
+    line = (on_m * torch.cat([mus, ls], -1)).sum(-1) + const
+    terms = (on_m * torch.cat([mus, ls], -1)).abs().sum(-1) + const.abs()
+    assert bool((value >= line - 1e-5 * (1 + value.abs() + terms)).all())
 
 
 def test_back_substitution_through_one_relu_layer_on_a_grid():
