@@ -22,6 +22,57 @@ NAN, INF = float("nan"), float("inf")
 # --- the rule, by hand ---
 
 
+def test_a_value_equal_to_its_floor_is_not_below():
+    assert not below(5.0, 5.0) and below(np.nextafter(5.0, 0.0), 5.0)
+
+
+def test_the_description_counts_each_kind_apart():
+    audit = audit_certificate([-10.0, -10.0, -10.0, NAN, -INF, -INF], [-12.0, -11.0, -9.0, -9.0, -9.0, -9.0], 1e-4, "m")
+    assert (audit.violations, audit.nan, audit.vacuous) == (3, 1, 2)
+    assert audit.describe() == ("m: 2 of 6 attacked ELBOs below the certified bound; 1 of 6 pairs with a NaN bound "
+                                "or attacked ELBO; 2 of 6 bounds vacuous (-inf)")
+    assert audit_certificate([-10.0], [-9.0], 1e-4, "m").describe() == "m: 1 pairs sound"
+
+
+def test_mismatched_shapes_are_named():
+    with pytest.raises(ValueError, match=r"^m: \(3,\) bounds for \(2,\) attacked ELBOs$"):
+        audit_certificate(np.zeros(3), np.zeros(2), 1e-4, "m")
+    assert audit_certificate([-1.0], [0.0], 1e-4).where == ""
+
+
+def test_no_pairs_pass_with_an_infinite_margin():
+    audit = audit_certificate([], [], 1e-4, "m")
+    assert audit.passed and audit.pairs == 0 and audit.min_margin == INF
+
+
+def test_vacuous_pairs_raise_no_numpy_warning():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        audit = audit_certificate(np.array([-INF, -INF], np.float32), np.array([-INF, -5.0], np.float32), 1e-4, "m")
+    assert audit.vacuous == 2 and audit.passed
+
+
+def test_the_failure_message_says_why_and_lists_each_failed_audit():
+    unsound = audit_certificate([-10.0], [-12.0], 1e-4, "eps 0.1, unclipped")
+    with_nan = audit_certificate([NAN], [-12.0], 1e-4, "eps 0.2, clipped")
+    sound = audit_certificate([-10.0], [-9.0], 1e-4, "eps 0.05, unclipped")
+    assert audit_failure([unsound, sound], "mnist-eps0.0-seed0") == (
+        "certificate audit FAILED for mnist-eps0.0-seed0: the bound or the attack is wrong\n"
+        "  eps 0.1, unclipped: 1 of 1 attacked ELBOs below the certified bound")
+    assert audit_failure([unsound, with_nan], "m") == (
+        "certificate audit FAILED for m: a NaN bound or attacked ELBO is not a certificate: the model, the bound or "
+        "the attack produced NaN\n"
+        "  eps 0.1, unclipped: 1 of 1 attacked ELBOs below the certified bound\n"
+        "  eps 0.2, clipped: 1 of 1 pairs with a NaN bound or attacked ELBO")
+
+
+def test_the_vacuous_note_lists_each_audit():
+    a = audit_certificate([-INF, -1.0], [-5.0, 0.0], 1e-4, "eps 0.15")
+    b = audit_certificate([-INF], [-5.0], 1e-4, "eps 0.2")
+    assert vacuous_note([a, b], "m") == "m: vacuous certificates (bound -inf) at eps 0.15 (1 of 2), eps 0.2 (1 of 1)"
+
+
 def test_a_sound_bound_passes_and_float_slack_is_allowed():
     audit = audit_certificate([-10.0, -20.0], [-9.0, -20.0 - 1e-5], tolerance=1e-4, where="x")
     assert audit.passed and audit.violations == audit.nan == audit.vacuous == 0 and audit.pairs == 2
