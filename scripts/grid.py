@@ -4,7 +4,7 @@
     python scripts/grid.py --datasets fashion_mnist --eps 0.0 0.01 0.1 --seeds 0 --write   # switch to it
 
 `--write` rewrites `datasets`, `grid`, and the model lists of the stages that check models
-(`attack_strength.models`, `attack_budget.models`): each keeps its (eps, seed) choices, moved onto
+(`attack_strength.models`, `attack_budget.models`, `bound_training.models`): each keeps its (eps, seed) choices, moved onto
 the new datasets, so a dataset switch runs end to end. Comments in params.yaml are kept.
 """
 
@@ -19,7 +19,7 @@ from ruamel.yaml.comments import CommentedMap
 
 from provae.grid import GridModel, parse_models, product
 
-STAGE_MODEL_LISTS = ("attack_strength", "attack_budget")
+STAGE_MODEL_LISTS = ("attack_strength", "attack_budget", "bound_training")
 
 
 def flow(entry: dict) -> CommentedMap:
@@ -62,7 +62,7 @@ def main() -> None:
     params["datasets"][:] = args.datasets  # in place: keeps the list's style and comment
     params["grid"] = CommentedMap((key, flow(entry)) for key, entry in grid.items())
     for section in STAGE_MODEL_LISTS:
-        if section in params and "models" in params[section]:
+        if section in params and params[section].get("models"):  # an empty list stays empty
             params[section]["models"] = CommentedMap(
                 (key, flow(entry)) for key, entry in moved(dict(params[section]["models"]), grid, section).items())
     with open(path, "w") as handle:

@@ -6,6 +6,8 @@ Iterates over the models of the grid (params.yaml `grid`); a missing output is a
 nothing is globbed, so a stale output of a model no longer in the grid never shows up. Every
 figure carries its provenance (checkpoint hashes, params) in its PNG text chunks, and the index
 (reports/README.md) lists it; nothing time-dependent is written, so a re-run is byte-identical.
+With --bound-training-table, also the models of `bound_training.models` trained on
+`bound_training.bound` beside their IBP-trained twins; their paths: the --bound-* patterns.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from common import load_params
 
+from provae.report.bound_training import BoundPatterns
 from provae.report.build import Outputs, Page, ReportError, build_report
 from provae.report.results import Patterns
 
@@ -35,9 +38,17 @@ def main() -> None:
     page.add_argument("--reproduction", help="the page to write, e.g. reports/REPRODUCTION.md")
     page.add_argument("--reproduction-template", help="its template, e.g. reports/REPRODUCTION.md.j2")
     page.add_argument("--training-length", help="folder per dataset with {dataset}: the training-length experiments")
+    trained = parser.add_argument_group("bound_training.md (written only with --bound-training-table)")
+    trained.add_argument("--bound-training-table", help="the page to write, e.g. reports/bound_training.md")
+    kinds = ("models", "eval", "metrics", "curves", "certify")
+    for kind in kinds:
+        trained.add_argument(f"--bound-{kind}", help=f"as --{kind}, for a model trained on {{bound}} (bound_training.bound)")
     args = parser.parse_args()
     if bool(args.reproduction) != bool(args.reproduction_template):
         parser.error("--reproduction and --reproduction-template go together")
+    bound = {kind: getattr(args, f"bound_{kind}") for kind in kinds}
+    if len({value is None for value in [args.bound_training_table, *bound.values()]}) > 1:
+        parser.error("--bound-training-table and --bound-{" + ",".join(kinds) + "} go together")
     patterns = Patterns(models=args.models, eval=args.eval, metrics=args.metrics, curves=args.curves,
                         strength=args.strength, fixed_encoder=args.fixed_encoder, training=args.training,
                         data=args.data_provenance, certify=args.certify, budget=args.budget)
@@ -45,11 +56,13 @@ def main() -> None:
                       budget_table=Path(args.budget_table),
                       fixed_encoder_table=Path(args.fixed_encoder_table), certify_table=Path(args.certify_table),
                       summary=Path(args.summary), index=Path(args.index), figures=Path(args.figures),
-                      reproduction=Path(args.reproduction) if args.reproduction else None)
+                      reproduction=Path(args.reproduction) if args.reproduction else None,
+                      bound_training=Path(args.bound_training_table) if args.bound_training_table else None)
     page = Page(template=Path(args.reproduction_template), paper=Path(args.paper), params=Path(PARAMS),
                 training_length=args.training_length) if args.reproduction else None
     try:
-        build_report(patterns, outputs, load_params(PARAMS), json.loads(Path(args.paper).read_text()), page)
+        build_report(patterns, outputs, load_params(PARAMS), json.loads(Path(args.paper).read_text()), page,
+                     BoundPatterns(**bound) if args.bound_training_table else None)
     except ReportError as error:
         raise SystemExit(str(error)) from None
 

@@ -4,7 +4,8 @@ so the spread over seeds is not zero). Checkpoints are stand-in bytes: the repor
 Written by hand here: the VAE's (seed 0) attack-budget ladder (`LADDER`), whose verdicts can be worked
 out from the numbers below; and, on request, an attack-strength check that beats the curve
 (`BEATEN_CHECK`, `beaten_check_table`, whose marks can be worked out the same way) and a third
-certify method (`add_certify_method`)."""
+certify method (`add_certify_method`); and the grid's eps_train 0.1 (seed 0) model trained again on the
+ELBO-level bound (`make_bound_inputs`: its twin's files, each quantity moved by `BOUND_CHANGES`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pandas as pd
 import yaml
 
 from provae.grid import product
+from provae.report.bound_training import BoundPatterns
 from provae.report.build import Outputs
 from provae.report.results import Patterns
 
@@ -156,3 +158,58 @@ def make_inputs(inputs: Path) -> Patterns:
     found.path("budget", "mnist", 0.0, 0).parent.mkdir(parents=True, exist_ok=True)
     ladder_table().to_csv(found.path("budget", "mnist", 0.0, 0), index=False)
     return found
+
+
+# The model of `bound_training.models`: eps_train 0.1, seed 0, trained on BOUND. Its outputs are its IBP-trained
+# twin's, each quantity moved: nats added to the clean ELBOs (metrics elbo_*), to the certified bounds at
+# eps_train (metrics lb_*), to certify's bounds (bounds.csv), to the attacked ELBOs (the curve's
+# elbo_attacked_*); radii (radii.csv) multiplied; the training wall time and device set.
+BOUND, TWIN = "elbo_crown", ("mnist", 0.1, 0)
+BOUND_CHANGES = {"clean": -0.8, "lb": 2.5, "certified": 3.0, "attacked": 1.25, "radius": 1.5, "seconds": 350.0,
+                 "device": None}  # device None: the twin's
+
+
+def bound_patterns(inputs: Path) -> BoundPatterns:
+    return BoundPatterns(models=f"{inputs}/models/{{dataset}}/{{bound}}-eps{{eps}}-seed{{seed}}.pt",
+                         eval=f"{inputs}/eval/{{dataset}}-{{bound}}-eps{{eps}}-seed{{seed}}",
+                         metrics=f"{inputs}/metrics/{{dataset}}-{{bound}}-eps{{eps}}-seed{{seed}}.json",
+                         curves=f"{inputs}/attack_curves/{{dataset}}-{{bound}}-eps{{eps}}-seed{{seed}}.csv",
+                         certify=f"{inputs}/certify/{{dataset}}-{{bound}}-eps{{eps}}-seed{{seed}}")
+
+
+def bound_params(models=(TWIN,)) -> dict:
+    """`params()` with `bound_training.models` listing ``models`` (dataset, eps, seed)."""
+    settings = params()
+    settings["bound_training"] = {"bound": BOUND, "models": {}}
+    for dataset, eps, seed in models:
+        settings["bound_training"]["models"].update(product([dataset], [eps], [seed]))
+    return settings
+
+
+def make_bound_inputs(found: Patterns, inputs: Path, changes: dict | None = None) -> BoundPatterns:
+    """The outputs of TWIN trained on BOUND under ``inputs``: TWIN's (``found``), moved by ``changes``
+    (`BOUND_CHANGES` by default; a test flips them)."""
+    change = {**BOUND_CHANGES, **(changes or {})}
+    bound = bound_patterns(inputs)
+    twin, ours = (lambda kind: found.path(kind, *TWIN)), (lambda kind: bound.path(kind, BOUND, *TWIN))
+    ours("models").write_bytes(b"checkpoint trained on " + BOUND.encode())
+    shutil.rmtree(ours("eval"), ignore_errors=True)
+    shutil.copytree(twin("eval"), ours("eval"))
+    details = json.loads((twin("eval") / "details.json").read_text())
+    details["training"].update(seconds=change["seconds"], device=change["device"] or details["training"]["device"])
+    (ours("eval") / "details.json").write_text(json.dumps(details))
+    metrics = json.loads(twin("metrics").read_text())
+    ours("metrics").write_text(json.dumps({k: v + change["clean"] if k.startswith("elbo_") else
+                                           v + change["lb"] if k.startswith("lb_") else v for k, v in metrics.items()}))
+    curves = pd.read_csv(twin("curves"))
+    for column in [c for c in curves.columns if c.startswith("elbo_attacked_")]:
+        curves[column] += change["attacked"]
+    curves.to_csv(ours("curves"), index=False)
+    ours("certify").mkdir(exist_ok=True)
+    bounds = pd.read_csv(twin("certify") / "bounds.csv")
+    bounds["bound"] += change["certified"]
+    bounds.to_csv(ours("certify") / "bounds.csv", index=False)
+    radii = pd.read_csv(twin("certify") / "radii.csv")
+    radii["radius"] *= change["radius"]
+    radii.to_csv(ours("certify") / "radii.csv", index=False)
+    return bound

@@ -1,6 +1,7 @@
 """The report: the paper's Table 1 and Figures 1-4 regenerated beside the paper's values, with the
 spread over seeds, plus the attack-curve, attack-strength, attack-budget, certify and fixed-encoder
-tables, the training-curve, attack-budget and certified-radius figures, reports/metrics.json and the
+tables, the training-curve, attack-budget and certified-radius figures, reports/metrics.json, the
+models trained on the ELBO-level bound beside their IBP-trained twins (bound_training.md) and the
 index reports/README.md.
 
 One module per artifact; `results` (the grid's outputs, read once, and the spread over seeds) and

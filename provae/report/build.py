@@ -1,7 +1,7 @@
 """The whole report in one call: reads the grid's outputs once (`Results`), then writes every
 artifact (Table 1, the attack-curve, attack-strength, attack-budget, certify and fixed-encoder
 tables, Figures 1-4, the training-curve, attack-budget and certified-radius figures,
-reports/metrics.json) and, last, the index
+reports/metrics.json, and, given its path, bound_training.md) and, last, the index
 (reports/README.md) that lists each with the models that made it. Reads no params file: the stage
 passes the params dict, the paper's values and every path.
 """
@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from provae.files import write_json
-from provae.grid import models_of_grid
+from provae.grid import GridError, models_of_grid
 from provae.report.attack_budget import attack_budget_markdown, budget_models, budget_quantities, read_ladder
 from provae.report.attack_budget_figure import figure_attack_budget
 from provae.report.attack_curves import attack_curve_markdown, claim2_quantities
 from provae.report.attack_strength import attack_strength_markdown, attack_strength_quantities, strength_checks
+from provae.report.bound_training import BoundPatterns, bound_models, bound_training_markdown, variant_name
 from provae.report.certified_radius import figure_certified_radius
 from provae.report.certify import certify_markdown, certify_quantities
 from provae.report.fig1_adversarial import figure_adversarial_examples
@@ -52,6 +53,7 @@ class Outputs:
     index: Path
     figures: Path
     reproduction: Path | None = None  # REPRODUCTION.md, rendered from `Page.template`
+    bound_training: Path | None = None  # bound_training.md: `bound_training.models` beside their IBP-trained twins
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,10 @@ def reproduction_context(results: Results, outputs: Outputs, page: Page, paper: 
     }
 
 
-def build_report(patterns: Patterns, outputs: Outputs, params: dict, paper: dict, page: Page | None = None) -> None:
+def build_report(patterns: Patterns, outputs: Outputs, params: dict, paper: dict, page: Page | None = None,
+                 bound: BoundPatterns | None = None) -> None:
+    """Every artifact; ``bound``: where the models of `bound_training.models` trained on
+    `bound_training.bound` keep their outputs (needed once that list names a model)."""
     results = Results(patterns, params)
     example_eps = [float(e) for e in params["report"]["example_eps_train"]]
     unknown = [e for e in example_eps if e not in results.eps_grid]
@@ -109,11 +114,21 @@ def build_report(patterns: Patterns, outputs: Outputs, params: dict, paper: dict
                  outputs.certify_table, outputs.summary, outputs.index, *[outputs.reproduction] * (page is not None)):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
 
-    # Read before anything is written, so a missing check or ladder leaves no half-written report.
+    try:
+        trained = bound_models(params)
+    except GridError as error:
+        raise ReportError(str(error)) from None
+    if trained and (outputs.bound_training is None or bound is None):
+        raise ReportError(f"bound_training.models lists {[m.id for m in trained]}: the report needs bound_training.md's "
+                          "path and the --bound-* patterns of their outputs (the report stage's cmd in dvc.yaml)")
+
+    # Read before anything is written, so a missing check, ladder or model leaves no half-written report.
     checks = strength_checks(results)  # where a stronger attack beat the curve, it is an upper bound
     budget = budget_models(params)
     for key in budget:
         read_ladder(results, key)
+    bound_text = (bound_training_markdown(results, bound, trained, outputs.bound_training)
+                  if outputs.bound_training is not None else None)
     write_table1(results, paper, outputs.table)
     Path(outputs.curve_table).write_text(attack_curve_markdown(results, checks) + "\n")
 
@@ -161,6 +176,15 @@ def build_report(patterns: Patterns, outputs: Outputs, params: dict, paper: dict
     Path(outputs.fixed_encoder_table).write_text(fixed_encoder_markdown(results) + "\n")
     entries.append(("fixed_encoder.md", "The attacks' fall of the ELBO beside the fall with the encoder held fixed",
                     results.keys()))
+    if bound_text is not None:
+        Path(outputs.bound_training).parent.mkdir(parents=True, exist_ok=True)
+        Path(outputs.bound_training).write_text(bound_text)
+        name = (params.get("bound_training") or {}).get("bound", "")
+        entries.append((Sources(Path(outputs.index).parent).link(outputs.bound_training),
+                        f"Training on the ELBO-level bound: each model of `bound_training.models` trained on {name} beside "
+                        "its IBP-trained twin (clean ELBO, certified bounds and radii, attacked ELBO, wall time), and "
+                        "the verdict", [(m.dataset, m.eps, m.seed) for m in trained]
+                        + [variant_name(m, name) for m in trained]))
     if outputs.reproduction is not None and not params["report"]["reproduction"]:
         # A profile's grid (tiny, quick) holds few of the models the page's claims are about.
         Path(outputs.reproduction).write_text(

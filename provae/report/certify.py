@@ -31,11 +31,24 @@ def gap_closed(base: pd.Series, bound: float) -> str:
     return f"{100 * (bound - base['bound']) / gap:.0f} %" if 0 < gap < np.inf else "n/a"
 
 
+def mean_bounds(tables: pd.DataFrame, ball: str) -> pd.DataFrame:
+    """bounds.csv rows of ``ball`` (one or more seeds' files, concatenated) as the tables show them:
+    each column's mean over seeds per (eps_attack, method); each row of a file is already the mean
+    over the certify stage's images."""
+    return tables[tables["ball"] == ball].groupby(["eps_attack", "method"]).mean(numeric_only=True)
+
+
+def median_radii(radii: pd.DataFrame) -> tuple[pd.Series, list]:
+    """radii.csv rows (one or more seeds' files) as the tables show them: the median certified
+    radius per (tau, method), over images and seeds; and the taus in the file's order."""
+    return radii.groupby(["tau", "method"], sort=False)["radius"].median(), list(dict.fromkeys(radii["tau"]))
+
+
 def bounds_rows(results: Results, dataset: str, eps: float, ball: str, shown_eps) -> list[dict]:
     """One model's rows: the attacked ELBO, then each method's bound (gap closed), cost and violations."""
     methods, base = results.methods, results.methods[0]
     tables = results.certify_csv(dataset, eps, "bounds.csv")
-    part = tables[tables["ball"] == ball].groupby(["eps_attack", "method"]).mean(numeric_only=True)
+    part = mean_bounds(tables, ball)
     shown = [a for a in shown_eps if all((a, m) in part.index for m in methods)]
     rows = [{"model": model_name(eps), "bound": "attacked ELBO",
              **{f"eps {a:g}": nats(part.loc[(a, base), "attacked_elbo"]) for a in shown}, "s per image": "", "violations": ""}]
@@ -71,8 +84,7 @@ def certify_markdown(results: Results, shown_eps=(0.01, 0.05, 0.1)) -> str:
         rows = []
         for eps in results.eps_of(dataset):
             radii = results.certify_csv(dataset, eps, "radii.csv")
-            median = radii.groupby(["tau", "method"], sort=False)["radius"].median()
-            taus = list(dict.fromkeys(radii["tau"]))
+            median, taus = median_radii(radii)
             rows += [{"model": model_name(eps), "bound": method_title(m),
                       **{f"ELBO drop <= {cell(tau)}": f"{median.loc[(tau, m)]:.4f}" for tau in taus}} for m in methods]
         lines += [f"## {results.labels[dataset]}: median certified radius per method", "",
@@ -94,7 +106,7 @@ def certify_quantities(results: Results, src, bisection_steps: int, reference_ep
         bounds, radii = {}, {}
         for eps in results.eps_of(dataset):
             table = results.certify_csv(dataset, eps, "bounds.csv")
-            bounds[eps] = table[table["ball"] == ball].groupby(["eps_attack", "method"]).mean(numeric_only=True)
+            bounds[eps] = mean_bounds(table, ball)
             radii[eps] = results.certify_csv(dataset, eps, "radii.csv")
         x = sorted({a for a, _ in bounds[0.0].index})
 
@@ -125,8 +137,8 @@ def certify_quantities(results: Results, src, bisection_steps: int, reference_ep
 
         def radius(eps, method):
             path, note = model_source(results, "certify", dataset, eps, "radii.csv")
-            part = radii[eps][(radii[eps]["tau"] == tau) & (radii[eps]["method"] == method)]["radius"]
-            return src.q(part.median(), "{:.4f}", path, f"rows tau={tau}, method={method}: median of column radius; {note}")
+            return src.q(median_radii(radii[eps])[0].loc[(tau, method)], "{:.4f}", path,
+                         f"rows tau={tau}, method={method}: median of column radius; {note}")
 
         seconds = {m: [q(e, x[-1], m, "seconds_per_image", "{:.2g}") for e in results.eps_of(dataset)] for m in results.methods}
         out[dataset] = {

@@ -26,9 +26,11 @@ def png_provenance(results: Results, keys: list, what: str, path: Path) -> dict:
 
 
 def describe_models(keys, results: Results) -> str:
-    if len(keys) == len(results.keys()):
+    """'all' for every model of the grid; else each model's id. A key may be a name already (a
+    model outside the grid, as bound_training.md's)."""
+    if len(keys) == len(results.keys()) and not any(isinstance(key, str) for key in keys):
         return "all"
-    return ", ".join(model_id(*key) for key in keys)
+    return ", ".join(key if isinstance(key, str) else model_id(*key) for key in keys)
 
 
 def index_markdown(results: Results, entries: list[tuple[str, str, list]]) -> str:

@@ -123,12 +123,15 @@ class Results:
     def certify_csv(self, dataset: str, eps: float, name: str) -> pd.DataFrame:
         """A certify output (bounds.csv or radii.csv) over the seeds, rows of `certify.methods` only;
         a method the params list but a file lacks is an error naming the file."""
-        tables = []
-        for key in self.keys(dataset, eps):
-            path = read_required(self.patterns.path("certify", *key) / name, "run the certify stage first")
-            table = pd.read_csv(path)
-            missing = [m for m in self.methods if m not in set(table["method"])]
-            if missing:
-                raise FileNotFoundError(f"{path} has no rows of method {missing} (certify.methods): run the certify stage")
-            tables.append(table[table["method"].isin(self.methods)])
-        return pd.concat(tables)
+        return pd.concat([read_certify(self.patterns.path("certify", *key) / name, self.methods, "run the certify stage first")
+                          for key in self.keys(dataset, eps)])
+
+
+def read_certify(path: Path, methods: list[str], hint: str) -> pd.DataFrame:
+    """One certify output (bounds.csv or radii.csv), rows of ``methods`` only; a missing file, or a
+    method it lacks, is an error naming the file."""
+    table = pd.read_csv(read_required(path, hint))
+    missing = [m for m in methods if m not in set(table["method"])]
+    if missing:
+        raise FileNotFoundError(f"{path} has no rows of method {missing} (certify.methods): run the certify stage")
+    return table[table["method"].isin(methods)]

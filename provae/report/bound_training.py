@@ -1,0 +1,225 @@
+"""reports/bound_training.md: no paper counterpart (the paper trains on IBP's bound alone). Each model
+of `bound_training.models` trained again on the bound `bound_training.bound` (the ELBO-level linear
+bound, CROWN-IBP: README, "Training on the ELBO-level bound"), set beside its IBP-trained twin of the
+grid (same dataset, eps_train, seed and `train` settings): the clean test ELBO, the certified bound
+at eps_train (Table 1's `lb_test`), each certify method's bound and the attacked ELBO at eps_attack
+0.05 and 0.1 (certify.md's means), the median certified radius per tau (certify.md's medians), the
+training wall time. Every number links to its file; the verdict on the claim "a tighter training
+bound buys certified robustness at less cost in clean ELBO" is computed from them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from provae.files import file_digest
+from provae.grid import GridModel, model_name, models_of_grid
+from provae.report.certify import cell, mean_bounds, median_radii
+from provae.report.plotting import method_title
+from provae.report.reproduction import Comparison, Sources, claim_verdict, compare, listing, shown
+from provae.report.results import BALL_TITLES, Results, read_certify, read_required, spread
+
+EPS_ATTACK = (0.05, 0.1)  # issue 22's eps_attack values; the verdict reads the last
+CLAIM = {"reproduces": "supported", "partly": "partly supported", "does not reproduce": "not supported"}
+HIGHER = {"above": "higher than", "below": "lower than", "matches": "equal to"}
+
+
+@dataclass(frozen=True)
+class BoundPatterns:
+    """Where the per-model outputs of a model trained on another bound live: dvc.yaml's paths of
+    `train_bound`, `evaluate_bound` and `certify_bound`, with {dataset}, {bound}, {eps} and {seed}."""
+
+    models: str
+    eval: str
+    metrics: str
+    curves: str
+    certify: str
+
+    def __post_init__(self):
+        lacking = [kind for kind, pattern in vars(self).items() if "{bound}" not in pattern]
+        if lacking:  # it would name the IBP-trained twin's file: the page would set a model beside itself
+            raise ValueError(f"the bound_training patterns of {lacking} have no {{bound}}: {[vars(self)[k] for k in lacking]}")
+
+    def path(self, kind: str, bound: str, dataset: str, eps: float, seed: int) -> Path:
+        return Path(getattr(self, kind).format(dataset=dataset, bound=bound, eps=eps, seed=seed))
+
+
+def bound_models(params: dict) -> list[GridModel]:
+    """The models of `bound_training.models`, each a model of the grid (its IBP-trained twin, checked
+    by `models_of_grid`); none when the list is empty or the section absent."""
+    if not (params.get("bound_training") or {}).get("models"):
+        return []
+    return models_of_grid(params, "bound_training")
+
+
+def variant_name(model: GridModel, bound: str) -> str:
+    """The per-model output name of ``model`` trained on ``bound``: `mnist-elbo_crown-eps0.01-seed0`."""
+    return f"{model.dataset}-{bound}-eps{model.eps!r}-seed{model.seed}"
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """One model's outputs, as the page reads them."""
+
+    name: str
+    paths: dict            # kind -> file (metrics, details, curves, bounds, radii, models)
+    metrics: dict
+    details: dict
+    curve: pd.DataFrame    # indexed by eps_attack
+    bounds: pd.DataFrame   # certify.mean_bounds: indexed by (eps_attack, method)
+    radii: pd.Series       # certify.median_radii: indexed by (tau, method)
+    taus: list
+    md5: str
+
+
+def read_model(name: str, path_of, methods: list[str], ball: str, stages: dict) -> ModelFiles:
+    """A model's metrics, details, attack curve, certify outputs and checkpoint md5; a missing file
+    names the stage that writes it (``stages``: train, evaluate, certify -> the stage's name), a
+    missing eps_attack the file."""
+    paths = {"metrics": path_of("metrics"), "details": path_of("eval") / "details.json", "curves": path_of("curves"),
+             "bounds": path_of("certify") / "bounds.csv", "radii": path_of("certify") / "radii.csv",
+             "models": path_of("models")}
+    writer = {"models": "train", "metrics": "evaluate", "details": "evaluate", "curves": "evaluate", "bounds": "certify",
+              "radii": "certify"}
+    hint = {kind: f"run {stages[stage]} first" for kind, stage in writer.items()}
+    for kind in ("models", "metrics", "details", "curves"):
+        read_required(paths[kind], hint[kind])
+    details = json.loads(paths["details"].read_text())
+    if details["headline_ball"] != ball:
+        raise ValueError(f"{paths['details']}: headline ball {details['headline_ball']!r}, not the grid's {ball!r}")
+    curve = pd.read_csv(paths["curves"]).set_index("eps_attack")
+    bounds = mean_bounds(read_certify(paths["bounds"], methods, hint["bounds"]), ball)
+    radii, taus = median_radii(read_certify(paths["radii"], methods, hint["radii"]))
+    for a in EPS_ATTACK:
+        if a not in curve.index or any((a, m) not in bounds.index for m in methods):
+            raise ValueError(f"{paths['curves']} or {paths['bounds']} has no eps_attack {a:g}: bound_training.md "
+                             f"compares at eps_attack {', '.join(f'{e:g}' for e in EPS_ATTACK)} (evaluate.eps_attack)")
+    return ModelFiles(name, paths, json.loads(paths["metrics"].read_text()), details, curve, bounds, radii, taus,
+                      file_digest(paths["models"], "md5"))
+
+
+def versus(ours: float, twin: float) -> Comparison:
+    """`reproduction.compare` on one seed each; two equal values, vacuous ones included, match."""
+    if ours == twin:
+        return Comparison("matches", 0.0, None)
+    return compare(spread([ours]), spread([twin]))
+
+
+def difference(ours: float, twin: float, fmt: str) -> str:
+    """``ours`` minus ``twin`` as the page prints it (`reproduction.shown`); n/a where either is not finite."""
+    return shown(ours - twin, fmt) if math.isfinite(ours) and math.isfinite(twin) else ("0" if ours == twin else "n/a")
+
+
+def rows(twin: ModelFiles, ours: ModelFiles, model: GridModel, methods: list[str], ball: str, src: Sources) -> list:
+    """(quantity, twin's cell, ours, difference) per row of a model's table."""
+    out = []
+
+    def row(what, kind, value, where, fmt, diff_fmt):
+        a, b = value(twin), value(ours)
+        out.append((what, src.q(a, fmt, twin.paths[kind], where), src.q(b, fmt, ours.paths[kind], where),
+                    difference(b, a, diff_fmt)))
+
+    row("clean test ELBO", "metrics", lambda m: m.metrics["elbo_test"], "key elbo_test", "{:.2f}", "{:+.2f}")
+    row(f"certified bound (IBP) at eps_train {model.eps:g}, test set", "metrics", lambda m: m.metrics["lb_test"],
+        "key lb_test", "{:.2f}", "{:+.2f}")
+    for a in EPS_ATTACK:
+        for method in methods:
+            row(f"certified bound ({method_title(method)}) at eps_attack {a:g}, certify's images", "bounds",
+                lambda m: m.bounds.loc[(a, method), "bound"],
+                f"row ball={ball}, eps_attack={a:g}, method={method}, column bound (mean over certify's images)",
+                "{:.2f}", "{:+.2f}")
+    for tau in twin.taus:
+        for method in methods:
+            row(f"median certified radius ({method_title(method)}), ELBO drop <= {tau}", "radii",
+                lambda m: m.radii.loc[(tau, method)], f"rows tau={tau}, method={method}: median of column radius",
+                "{:.4f}", "{:+.4f}")
+    for a in EPS_ATTACK:
+        row(f"attacked ELBO at eps_attack {a:g}", "curves", lambda m: m.curve.loc[a, f"elbo_attacked_{ball}"],
+            f"row eps_attack={a:g}, column elbo_attacked_{ball}", "{:.2f}", "{:+.2f}")
+    devices = [m.details["training"]["device"] for m in (twin, ours)]
+    seconds = [float(m.details["training"]["seconds"]) for m in (twin, ours)]
+    diff = (f"{seconds[1] - seconds[0]:+.1f} s (x{seconds[1] / seconds[0]:.2f})" if devices[0] == devices[1]
+            else f"n/a: trained on {devices[0]} and {devices[1]}")
+    out.append(("training wall time", *[f"{src.q(s, '{:.1f}', m.paths['details'], 'key training.seconds')} s on {d}"
+                                        for m, s, d in zip((twin, ours), seconds, devices)], diff))
+    return out
+
+
+def model_verdict(model: GridModel, label: str, bound: str, twin: ModelFiles, ours: ModelFiles, methods) -> tuple:
+    """(the claim's word for this model, its sentences): higher certified bounds at eps_train and
+    at the last eps_attack by every certify method, and a clean ELBO at least the twin's."""
+    last = EPS_ATTACK[-1]
+    at_train = versus(ours.metrics["lb_test"], twin.metrics["lb_test"])
+    at_last = {m: versus(ours.bounds.loc[(last, m), "bound"], twin.bounds.loc[(last, m), "bound"]) for m in methods}
+    clean = versus(ours.metrics["elbo_test"], twin.metrics["elbo_test"])
+    robust = at_train.word == "above" and all(c.word == "above" for c in at_last.values())
+    cheap = clean.word != "below"
+    word = CLAIM[claim_verdict([robust, cheap])]
+
+    def nats(c: Comparison) -> str:
+        if c.word == "matches":
+            return ""
+        return f" ({shown(c.difference, '{:+.2f}')} nats)" if math.isfinite(c.difference) else " (one of the two vacuous)"
+
+    cost = {"above": f"higher, a gain of {clean.difference:.2f} nats", "matches": "equal",
+            "below": f"lower, a cost of {-clean.difference:.2f} nats"}[clean.word]
+    text = (f"{label} {model_name(model.eps)}, seed {model.seed}, trained on {bound}: its certified bound at eps_train "
+            f"{model.eps:g} is {HIGHER[at_train.word]} its IBP-trained twin's{nats(at_train)}; at eps_attack {last:g} it "
+            f"is {listing(f'{HIGHER[c.word].split()[0]} by {method_title(m)}{nats(c)}' for m, c in at_last.items())}; its "
+            f"clean test ELBO is {cost}. The claim is {word} here (higher certified bounds at eps_train and at eps_attack "
+            f"{last:g} by every certify method: {'yes' if robust else 'no'}; a clean ELBO at least the twin's: "
+            f"{'yes' if cheap else 'no'}).")
+    return word, text
+
+
+def bound_training_markdown(results: Results, patterns: BoundPatterns | None, models: list[GridModel], page: Path) -> str:
+    """The page: per model a table beside its IBP-trained twin, then the verdict; with no model listed,
+    how to add one."""
+    bound = (results.params.get("bound_training") or {}).get("bound", "another bound")
+    lines = [f"# Training on the ELBO-level bound: {bound} beside IBP", ""]
+    if not models:
+        example = next((m for m in results.grid if m.eps > 0), results.grid[0])
+        return "\n".join(lines + [
+            "No model is listed yet: `bound_training.models` in params.yaml is empty. To add one, list a model of the grid "
+            f"there (its IBP-trained twin: same dataset, eps_train and seed), e.g. `{example.id}: {{dataset: "
+            f"{example.dataset}, eps: {example.eps!r}, seed: {example.seed}}}`, then run `dvc repro`: it trains the model on "
+            f"`bound_training.bound` (stage `train_bound`), evaluates and certifies it (`evaluate_bound`, `certify_bound`), "
+            "and this page sets it beside its twin.", ""])
+    src, methods, ball = Sources(Path(page).parent), results.methods, results.headline
+    lines += [f"Each model of `bound_training.models` trained again on `{bound}` with the grid's `train` settings, beside "
+              f"its IBP-trained twin of the grid (same dataset, eps_train and seed). Threat model: the {BALL_TITLES[ball]}. "
+              "Nats per image. 'test set': the evaluate stage's bound at eps_train (Table 1's LB test); 'certify's images': "
+              "the certify stage's test images with the attacks' own noise, the same for both models of a seed (certify.md's "
+              "means and medians). 'difference': "
+              f"{bound} minus IBP; for every row but the wall time, higher is better. Each number links to its file; "
+              "hover for its row and column.", ""]
+    verdicts = []
+    for model in models:
+        label = results.labels[model.dataset]
+        twin = read_model(model.name, lambda kind, m=model: results.patterns.path(kind, m.dataset, m.eps, m.seed),
+                          methods, ball, {"train": f"train@{model.id}", "evaluate": f"evaluate@{model.id}",
+                                          "certify": f"certify@{model.id}"})
+        ours = read_model(variant_name(model, bound),
+                          lambda kind, m=model: patterns.path(kind, bound, m.dataset, m.eps, m.seed), methods, ball,
+                          {"train": f"train_bound@{model.id}", "evaluate": f"evaluate_bound@{model.id}",
+                           "certify": f"certify_bound@{model.id}"})
+        lines += [f"## {label}, {model_name(model.eps)}, seed {model.seed}", "",
+                  f"| quantity | IBP-trained (`{twin.name}`) | {bound}-trained (`{ours.name}`) | difference |",
+                  "|---|---|---|---|"]
+        lines += [f"| {' | '.join(cell(c) for c in r)} |" for r in rows(twin, ours, model, methods, ball, src)]
+        lines += ["", f"Checkpoints: IBP-trained `{twin.md5}` ([{src.link(twin.paths['models'])}]"
+                  f"({src.link(twin.paths['models'])})), {bound}-trained `{ours.md5}` ([{src.link(ours.paths['models'])}]"
+                  f"({src.link(ours.paths['models'])})) (md5).", ""]
+        verdicts.append(model_verdict(model, label, bound, twin, ours, methods))
+    words = {w: [m for m, (v, _) in zip(models, verdicts) if v == w] for w in CLAIM.values()}
+    summary = "; ".join(f"{w} for {listing(m.id for m in found)}" for w, found in words.items() if found)
+    lines += ["## Verdict", "",
+              " ".join(text for _, text in verdicts) + f" Over the listed models, the claim (a tighter training bound buys "
+              f"certified robustness at less cost in clean ELBO) is {summary}. One seed per model: no spread to judge "
+              "these differences against.", ""]
+    return "\n".join(lines)
