@@ -198,3 +198,20 @@ def test_a_vacuous_bound_is_no_difference_and_counts_as_lower(results, inputs, t
     assert "at eps_attack 0.1 it is lower by IBP (one of the two vacuous)" in page
     assert "The claim is not supported here (higher certified bounds at eps_train and at eps_attack 0.1 by every " \
            "certify method: no; a clean ELBO at least the twin's: no)" in page  # BOUND_CHANGES: a cost in clean ELBO
+
+
+def test_reproduction_says_whether_a_model_was_trained_on_the_bound(inputs, tmp_path):
+    from provae.report.build import Page
+    from test_report_reproduction import ROOT, TEMPLATE
+
+    def rendered(settings, bound, name):
+        out = with_page(tmp_path / name)
+        out = dataclasses.replace(out, reproduction=tmp_path / name / "REPRODUCTION.md")
+        page = Page(template=TEMPLATE, paper=ROOT / "references" / "paper.json", params=ROOT / "params.yaml")
+        build_report(inputs[0], out, settings, paper(), page, bound)
+        return out.reproduction.read_text()
+
+    listed = rendered(bound_params(), make_bound_inputs(*inputs), "listed")
+    assert f"trained so far: {GridModel(*TWIN).id}; the page above" in listed and "no model is trained" not in listed
+    empty = rendered(bound_params(models=[]), None, "empty")
+    assert "no model is trained on it yet, so the hypothesis above is untested." in empty and "trained so far" not in empty

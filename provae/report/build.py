@@ -84,6 +84,7 @@ def reproduction_context(results: Results, outputs: Outputs, page: Page, paper: 
         "cert": certify_quantities(results, src, int(params["certify"]["bisection_steps"]), reference, page.params),
         "strength": attack_strength_quantities(results, src, strength_models, reference, page.params),
         "budget": budget_quantities(results, src, budget_models(params), page.params),
+        "bound_trained": [m.id for m in bound_models(params)],
         "earlier": EARLIER_GRID, "datasets": results.datasets, "headline": results.headline,
         "other": "clipped" if results.headline == "unclipped" else "unclipped",
         "links": {"table1": src.link(Path(f"{outputs.table}.md")), "curves": src.link(outputs.curve_table),
