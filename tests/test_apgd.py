@@ -98,9 +98,10 @@ def reference_apgd(objective, start, lower, upper, steps, eta, momentum=0.75, rh
     return torch.stack(best_points), torch.tensor(best_values, dtype=start.dtype)
 
 
-@pytest.mark.parametrize("steps", [7, 40])
-def test_matches_a_plain_transcription_of_the_reference(steps):
-    """Batched, sync-free bookkeeping == the reference's loop, per example, on a bumpy objective."""
+
+def bumpy_problem():
+    """A box, an objective with many shallow local minima (a quadratic bowl, its centre partly
+    outside the box, plus a fine sine), a start inside and APGD's initial step 2 eps."""
     lower, upper = random_box(5, 6, seed=1)
     g = torch.Generator().manual_seed(2)
     center = lower + (upper - lower) * (1.6 * torch.rand(lower.shape, generator=g, dtype=lower.dtype) - 0.3)
@@ -110,7 +111,12 @@ def test_matches_a_plain_transcription_of_the_reference(steps):
         return (weight * (x - center) ** 2 + 0.002 * torch.sin(40 * x)).sum(1)
 
     start = lower + (upper - lower) * torch.rand(lower.shape, generator=g, dtype=lower.dtype)
-    eta = 2 * (upper - lower).mean(1)
+    return lower, upper, bumpy, start, 2 * (upper - lower).mean(1)
+
+@pytest.mark.parametrize("steps", [7, 40])
+def test_matches_a_plain_transcription_of_the_reference(steps):
+    """Batched, sync-free bookkeeping == the reference's loop, per example, on a bumpy objective."""
+    lower, upper, bumpy, start, eta = bumpy_problem()
     expected_x, expected_value = reference_apgd(bumpy, start, lower, upper, steps, eta)
     best_x, best_value = apgd_minimize(bumpy, start, lower, upper, steps=steps, initial_step=eta)
     torch.testing.assert_close(best_x, expected_x)

@@ -14,7 +14,7 @@ from provae.attacks import _eot_objective, _sign_gradient_descent
 from provae.bounds import input_box
 
 from conftest import small_model, synthetic_images
-from test_apgd import Recorder, random_box, reference_apgd
+from test_apgd import Recorder, bumpy_problem, random_box, reference_apgd
 from test_attacks import pixels_away_from_one_half
 
 
@@ -367,16 +367,7 @@ def test_restarts_keep_the_earlier_result_on_a_tie():
 
 @pytest.mark.parametrize("momentum, rho", [(1.0, 0.75), (0.5, 0.0), (0.75, 1.0), (1.0, 1.0)])
 def test_apgd_matches_the_reference_at_the_ends_of_momentum_and_rho(momentum, rho):
-    lower, upper = random_box(5, 6, seed=1)
-    g = seeded(2)
-    center = lower + (upper - lower) * (1.6 * torch.rand(lower.shape, generator=g, dtype=lower.dtype) - 0.3)
-    weight = 0.5 + torch.rand(lower.shape, generator=g, dtype=lower.dtype)
-
-    def bumpy(x):
-        return (weight * (x - center) ** 2 + 0.002 * torch.sin(40 * x)).sum(1)
-
-    start = lower + (upper - lower) * torch.rand(lower.shape, generator=g, dtype=lower.dtype)
-    eta = 2 * (upper - lower).mean(1)
+    lower, upper, bumpy, start, eta = bumpy_problem()
     for steps in (5, 30):
         expected_x, expected_value = reference_apgd(bumpy, start, lower, upper, steps, eta, momentum, rho)
         best_x, best_value = apgd_minimize(bumpy, start, lower, upper, steps=steps, initial_step=eta,
