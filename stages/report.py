@@ -7,7 +7,8 @@ nothing is globbed, so a stale output of a model no longer in the grid never sho
 figure carries its provenance (checkpoint hashes, params) in its PNG text chunks, and the index
 (reports/README.md) lists it; nothing time-dependent is written, so a re-run is byte-identical.
 With --bound-training-table, also the models of `bound_training.models` trained on
-`bound_training.bound` beside their IBP-trained twins; their paths: the --bound-* patterns.
+`bound_training.bound` beside their IBP-trained twins; their paths: the --bound-* patterns. With
+`certify_elbo.models` listed, their ELBO relaxation (stage certify_elbo; path: --certify-elbo) too.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
                  "index", "paper", "figures"):
         parser.add_argument(f"--{name}", required=True)
     parser.add_argument("--table", required=True, help="path prefix for table .md/.csv/.tex")
+    parser.add_argument("--certify-elbo", help="as --certify, certify_elbo's (needed once certify_elbo.models lists one)")
     page = parser.add_argument_group("REPRODUCTION.md (rendered only with --reproduction)")
     page.add_argument("--reproduction", help="the page to write, e.g. reports/REPRODUCTION.md")
     page.add_argument("--reproduction-template", help="its template, e.g. reports/REPRODUCTION.md.j2")
@@ -51,7 +53,7 @@ def main() -> None:
         parser.error("--bound-training-table and --bound-{" + ",".join(kinds) + "} go together")
     patterns = Patterns(models=args.models, eval=args.eval, metrics=args.metrics, curves=args.curves,
                         strength=args.strength, fixed_encoder=args.fixed_encoder, training=args.training,
-                        data=args.data_provenance, certify=args.certify, budget=args.budget)
+                        data=args.data_provenance, certify=args.certify, budget=args.budget, certify_elbo=args.certify_elbo)
     outputs = Outputs(table=args.table, curve_table=Path(args.curve_table), strength_table=Path(args.strength_table),
                       budget_table=Path(args.budget_table),
                       fixed_encoder_table=Path(args.fixed_encoder_table), certify_table=Path(args.certify_table),

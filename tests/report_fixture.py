@@ -4,11 +4,15 @@ so the spread over seeds is not zero). Checkpoints are stand-in bytes: the repor
 Written by hand here: the VAE's (seed 0) attack-budget ladder (`LADDER`), whose verdicts can be worked
 out from the numbers below; and, on request, an attack-strength check that beats the curve
 (`BEATEN_CHECK`, `beaten_check_table`, whose marks can be worked out the same way) and a third
-certify method (`add_certify_method`); and the grid's eps_train 0.1 (seed 0) model trained again on the
-ELBO-level bound (`make_bound_inputs`: its twin's files, each quantity moved by `BOUND_CHANGES`)."""
+certify method (`add_certify_method`); the grid's eps_train 0.1 (seed 0) model trained again on the
+ELBO-level bound (`make_bound_inputs`: its twin's files, each quantity moved by `BOUND_CHANGES`); and the
+certify_elbo stage's files of listed models (`make_elbo_inputs`: their certify rows on fewer images, and
+an ELBO relaxation between CROWN's bound and the attacked ELBO). A test may ask for other eps_train
+values of the committed grid (`make_inputs(..., eps=...)`, `params(eps=...)`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -49,11 +53,11 @@ def outputs(out: Path) -> Outputs:
                    summary=out / "metrics.json", index=out / "README.md", figures=out / "figures")
 
 
-def params() -> dict:
-    """params.yaml with the small grid: MNIST, EPS x SEEDS; the attack-strength check on eps_train 0.1."""
+def params(eps=EPS) -> dict:
+    """params.yaml with the small grid: MNIST, ``eps`` x SEEDS; the attack-strength check on eps_train 0.1."""
     settings = yaml.safe_load((ROOT / "params.yaml").read_text())
-    settings.update(datasets=["mnist"], grid=product(["mnist"], list(EPS), list(SEEDS)))
-    settings["report"] = {"example_eps_train": list(EPS), "example_seed": 0, "reproduction": True}
+    settings.update(datasets=["mnist"], grid=product(["mnist"], list(eps), list(SEEDS)))
+    settings["report"] = {"example_eps_train": list(eps), "example_seed": 0, "reproduction": True}
     settings["evaluate"]["example_eps_attack"] = 0.1
     settings["attack_strength"]["models"] = product(["mnist"], [0.1], list(SEEDS))
     settings["attack_budget"]["models"] = product(["mnist"], [0.0], [0])
@@ -127,13 +131,13 @@ def add_certify_method(found: Patterns, method: str = "elbo", seconds: float = 0
             pd.concat([radii, extra]).to_csv(folder / "radii.csv", index=False)
 
 
-def make_inputs(inputs: Path) -> Patterns:
-    """Per-model outputs of the small grid under ``inputs``."""
+def make_inputs(inputs: Path, eps_values=EPS) -> Patterns:
+    """Per-model outputs of the small grid (eps_train ``eps_values``) under ``inputs``."""
     found = patterns(inputs)
     source = patterns(REPORTS)
     (inputs / "data").mkdir(parents=True)
     shutil.copy(source.path("data", "mnist", 0), found.path("data", "mnist", 0))
-    for eps in EPS:
+    for eps in eps_values:
         for seed in SEEDS:
             key, real, shift = ("mnist", eps, seed), ("mnist", eps, 0), SHIFT[seed]
             model = found.path("models", *key)
@@ -213,3 +217,55 @@ def make_bound_inputs(found: Patterns, inputs: Path, changes: dict | None = None
     radii["radius"] *= change["radius"]
     radii.to_csv(ours("certify") / "radii.csv", index=False)
     return bound
+
+
+# certify_elbo's files of a listed model: its certify rows of the headline ball (IBP and CROWN) as if on the
+# first `examples` images: the attacked ELBO moved by ELBO_ATTACKED and IBP's bound by ELBO_IBP (so a gap
+# closed against certify's own IBP row would differ), and the ELBO relaxation `closes` of the way from
+# CROWN's bound to the attacked ELBO where finite; radii: the first images', the ELBO relaxation's
+# CROWN's times ELBO_RADIUS.
+ELBO_ATTACKED, ELBO_IBP, ELBO_RADIUS = 0.5, -2.0, 1.25
+
+
+def elbo_patterns(found: Patterns, inputs: Path) -> Patterns:
+    return dataclasses.replace(found, certify_elbo=f"{inputs}/certify_elbo/{{dataset}}-eps{{eps}}-seed{{seed}}")
+
+
+def make_elbo_inputs(found: Patterns, models, examples: int, closes: float = 0.5, seconds: float = 2.0) -> None:
+    """certify_elbo's bounds.csv and radii.csv of ``models`` ((dataset, eps, seed)) under ``found``'s pattern."""
+    for key in models:
+        folder = found.path("certify_elbo", *key)
+        folder.mkdir(parents=True, exist_ok=True)
+        ball = json.loads((found.path("eval", *key) / "details.json").read_text())["headline_ball"]
+        bounds = pd.read_csv(found.path("certify", *key) / "bounds.csv")
+        bounds = bounds[(bounds["ball"] == ball) & bounds["method"].isin(["ibp", "crown"])].copy()
+        bounds["attacked_elbo"] += ELBO_ATTACKED
+        bounds.loc[bounds["method"] == "ibp", "bound"] += ELBO_IBP
+        elbo = bounds[bounds["method"] == "crown"].copy()
+        finite = np.isfinite(elbo["bound"])
+        elbo.loc[finite, "bound"] = (elbo["bound"] + closes * (elbo["attacked_elbo"] - elbo["bound"]))[finite]
+        elbo["method"], elbo["seconds_per_image"] = "elbo", seconds
+        bounds = pd.concat([bounds, elbo])
+        bounds["gap"] = bounds["attacked_elbo"] - bounds["bound"]
+        bounds.to_csv(folder / "bounds.csv", index=False)
+        radii = pd.read_csv(found.path("certify", *key) / "radii.csv")
+        radii = radii[(radii["image"] < examples) & (radii["ball"] == ball)]
+        extra = radii[radii["method"] == "crown"].copy()
+        extra["method"], extra["radius"] = "elbo", extra["radius"] * ELBO_RADIUS
+        pd.concat([radii, extra]).to_csv(folder / "radii.csv", index=False)
+
+
+def keep_drawn_figures(monkeypatch, modules) -> list:
+    """Each figure that ``modules`` would save, drawn and kept instead (a list, filled as they draw):
+    tests read its lines and legend without writing a PNG."""
+    figures = []
+
+    def keep(fig, path, results, keys, what):
+        fig.canvas.draw()
+        figures.append(fig)
+        return keys
+
+    for module in modules:
+        monkeypatch.setattr(module, "save_figure", keep)
+    return figures
+

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from report_fixture import add_certify_method, beaten_check_table, ladder_table, make_inputs, outputs, paper, params
+from report_fixture import add_certify_method, beaten_check_table, keep_drawn_figures, ladder_table, make_inputs, outputs, paper, params
 
 from provae.grid import product
 from provae.report import attack_budget_figure, certified_radius, fig3_attack_curves
@@ -45,16 +45,7 @@ def beaten(tmp_path_factory):
 
 @pytest.fixture
 def drawn(monkeypatch):
-    figures = []
-
-    def keep(fig, path, results, keys, what):
-        fig.canvas.draw()
-        figures.append(fig)
-        return keys
-
-    for module in (attack_budget_figure, certified_radius, fig3_attack_curves):
-        monkeypatch.setattr(module, "save_figure", keep)
-    return figures
+    return keep_drawn_figures(monkeypatch, (attack_budget_figure, certified_radius, fig3_attack_curves))
 
 
 # --- the attack budget -----------------------------------------------------------------------------

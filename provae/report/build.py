@@ -1,7 +1,8 @@
 """The whole report in one call: reads the grid's outputs once (`Results`), then writes every
 artifact (Table 1, the attack-curve, attack-strength, attack-budget, certify and fixed-encoder
 tables, Figures 1-4, the training-curve, attack-budget and certified-radius figures,
-reports/metrics.json, and, given its path, bound_training.md) and, last, the index
+reports/metrics.json, and, given its path, bound_training.md; with `certify_elbo.models` listed,
+their ELBO relaxation in certify.md, Figure 3, the radius figure and REPRODUCTION.md) and, last, the index
 (reports/README.md) that lists each with the models that made it. Reads no params file: the stage
 passes the params dict, the paper's values and every path.
 """
@@ -20,6 +21,7 @@ from provae.report.attack_strength import attack_strength_markdown, attack_stren
 from provae.report.bound_training import BoundPatterns, bound_models, bound_training_markdown, variant_name
 from provae.report.certified_radius import figure_certified_radius
 from provae.report.certify import certify_markdown, certify_quantities
+from provae.report.certify_elbo import ElboRun, certify_elbo_quantities, elbo_markdown, elbo_models, read_elbo_runs
 from provae.report.fig1_adversarial import figure_adversarial_examples
 from provae.report.fig2_reconstructions import figure_reconstructions
 from provae.report.fig3_attack_curves import figure_attack_curves
@@ -66,8 +68,9 @@ class Page:
     training_length: str | None = None     # folder per dataset with {dataset}: scripts/sigma0_sweep.py's
 
 
-def reproduction_context(results: Results, outputs: Outputs, page: Page, paper: dict) -> dict:
-    """Every named quantity REPRODUCTION.md's template uses, each beside its artifact's module."""
+def reproduction_context(results: Results, outputs: Outputs, page: Page, paper: dict, elbo: list[ElboRun] = ()) -> dict:
+    """Every named quantity REPRODUCTION.md's template uses, each beside its artifact's module;
+    ``elbo``: the runs of `certify_elbo.models` (`certify_elbo.read_elbo_runs`)."""
     params = results.params
     src = Sources(Path(outputs.reproduction).parent)
     reference = float(params["evaluate"]["example_eps_attack"])
@@ -82,6 +85,7 @@ def reproduction_context(results: Results, outputs: Outputs, page: Page, paper: 
         "tl": training_length_quantities(results, src, page.training_length, reference, paper, PAPER_TOLERANCE, page.paper),
         "c3": claim3_quantities(results, src),
         "cert": certify_quantities(results, src, int(params["certify"]["bisection_steps"]), reference, page.params),
+        "ce": certify_elbo_quantities(results, list(elbo), src, reference, page.params),
         "strength": attack_strength_quantities(results, src, strength_models, reference, page.params),
         "budget": budget_quantities(results, src, budget_models(params), page.params),
         "bound_trained": [m.id for m in bound_models(params)],
@@ -122,12 +126,20 @@ def build_report(patterns: Patterns, outputs: Outputs, params: dict, paper: dict
     if trained and (outputs.bound_training is None or bound is None):
         raise ReportError(f"bound_training.models lists {[m.id for m in trained]}: the report needs bound_training.md's "
                           "path and the --bound-* patterns of their outputs (the report stage's cmd in dvc.yaml)")
+    try:
+        listed = elbo_models(params)
+    except GridError as error:
+        raise ReportError(str(error)) from None
+    if listed and patterns.certify_elbo is None:
+        raise ReportError(f"certify_elbo.models lists {[m.id for m in listed]}: the report needs the pattern of their "
+                          "outputs, --certify-elbo (Patterns.certify_elbo; the report stage's cmd in dvc.yaml)")
 
     # Read before anything is written, so a missing check, ladder or model leaves no half-written report.
     checks = strength_checks(results)  # where a stronger attack beat the curve, it is an upper bound
     budget = budget_models(params)
     for key in budget:
         read_ladder(results, key)
+    elbo = read_elbo_runs(results, listed)
     bound_text = (bound_training_markdown(results, bound, trained, outputs.bound_training)
                   if outputs.bound_training is not None else None)
     write_table1(results, paper, outputs.table)
@@ -151,7 +163,8 @@ def build_report(patterns: Patterns, outputs: Outputs, params: dict, paper: dict
     for ball in balls_in_order(results.headline):
         path = figures / ("fig3_attack_curves.png" if ball == results.headline else f"fig3_attack_curves_{ball}.png")
         entries.append((f"figures/{path.name}", f"Figure 3: ELBO under attack vs eps_attack (top), certified bounds "
-                        f"(bottom), {BALL_TITLES[ball]}", figure_attack_curves(results, ball, path, checks)))
+                        f"(bottom), {BALL_TITLES[ball]}{elbo_note(elbo, ball)}",
+                        figure_attack_curves(results, ball, path, checks, elbo)))
     path = figures / "training_curves.png"
     entries.append((f"figures/{path.name}", "Training curves: test bound and ELBO per epoch",
                     figure_training_curves(results, seed, path)))
@@ -170,10 +183,12 @@ def build_report(patterns: Patterns, outputs: Outputs, params: dict, paper: dict
         path.unlink(missing_ok=True)  # no model on the ladder: no figure, not a stale one
     methods = ", ".join(method_title(m) for m in results.methods)
     path = figures / "certified_radius.png"
-    entries.append((f"figures/{path.name}", f"Certified-radius curves: fraction of images certified vs eps, by {methods}",
-                    figure_certified_radius(results, path)))
-    Path(outputs.certify_table).write_text(certify_markdown(results) + "\n")
-    entries.append(("certify.md", f"Certified bounds by {methods}: gap closed, cost per image, radii", results.keys()))
+    entries.append((f"figures/{path.name}", f"Certified-radius curves: fraction of images certified vs eps, by "
+                    f"{methods}{elbo_note(elbo, results.headline)}", figure_certified_radius(results, path, elbo)))
+    certify_text = certify_markdown(results) + "\n" + (elbo_markdown(results, elbo) + "\n" if elbo else "")
+    Path(outputs.certify_table).write_text(certify_text)
+    entries.append(("certify.md", f"Certified bounds by {methods}: gap closed, cost per image, radii"
+                    f"{elbo_note(elbo)}", results.keys()))
     Path(outputs.fixed_encoder_table).write_text(fixed_encoder_markdown(results) + "\n")
     entries.append(("fixed_encoder.md", "The attacks' fall of the ELBO beside the fall with the encoder held fixed",
                     results.keys()))
@@ -192,8 +207,18 @@ def build_report(patterns: Patterns, outputs: Outputs, params: dict, paper: dict
             "# Reproduction\n\nNot rendered: `report.reproduction` is false in this run's params (a profile's "
             "grid, not the paper's). The full grid of `params.yaml` renders it from `REPRODUCTION.md.j2`.\n")
     elif outputs.reproduction is not None:
-        text = render_reproduction(page.template, reproduction_context(results, outputs, page, paper))
+        text = render_reproduction(page.template, reproduction_context(results, outputs, page, paper, elbo))
         Path(outputs.reproduction).write_text(text)
         entries.insert(0, ("REPRODUCTION.md", "The written analysis: our numbers beside the paper's, claim by claim "
                            "(rendered from REPRODUCTION.md.j2)", results.keys()))
-    Path(outputs.index).write_text(index_markdown(results, entries))
+    inputs = [("certify_elbo/*/", f"per-model bounds (`certify_elbo.methods`) and certified radii on the first "
+               f"{elbo[0].examples} of certify's images (certify.md, Figure 3, certified_radius.png)",
+               ", ".join(r.model.name for r in elbo))] if elbo else []
+    Path(outputs.index).write_text(index_markdown(results, entries, inputs))
+
+
+def elbo_note(elbo: list[ElboRun], ball: str | None = None) -> str:
+    """What the listed models of `certify_elbo.models` add to an artifact (of ``ball``), for the index; "" for none."""
+    if not [r for r in elbo if ball is None or r.holds(ball)]:
+        return ""
+    return f"; and the ELBO relaxation on the first {elbo[0].examples} images of certify_elbo.models"

@@ -14,6 +14,8 @@ from provae.grid import model_name
 from provae.report.plotting import method_title
 from provae.report.results import BALL_TITLES, Results, balls_in_order
 
+SHOWN_EPS = (0.01, 0.05, 0.1)  # the eps_attack columns of the bounds tables
+
 
 def nats(value: float, sign: str = "") -> str:
     """One decimal, or three significant digits once a vacuous bound runs to millions of nats."""
@@ -23,6 +25,12 @@ def nats(value: float, sign: str = "") -> str:
 def cell(text) -> str:
     """Text for a markdown table cell: a '|' (as in tau '10% of |ELBO|') escaped, so it splits no column."""
     return str(text).replace("|", "\\|")
+
+
+def closed_share(base: pd.Series, bound: float) -> float:
+    """`gap_closed` as a number (1.0: exact); nan where the first method's gap is not positive and finite."""
+    gap = base["attacked_elbo"] - base["bound"]
+    return (bound - base["bound"]) / gap if 0 < gap < np.inf else np.nan
 
 
 def gap_closed(base: pd.Series, bound: float) -> str:
@@ -44,25 +52,33 @@ def median_radii(radii: pd.DataFrame) -> tuple[pd.Series, list]:
     return radii.groupby(["tau", "method"], sort=False)["radius"].median(), list(dict.fromkeys(radii["tau"]))
 
 
-def bounds_rows(results: Results, dataset: str, eps: float, ball: str, shown_eps) -> list[dict]:
-    """One model's rows: the attacked ELBO, then each method's bound (gap closed), cost and violations."""
-    methods, base = results.methods, results.methods[0]
-    tables = results.certify_csv(dataset, eps, "bounds.csv")
+def bounds_rows(tables: pd.DataFrame, label: str, methods: list[str], ball: str, shown_eps) -> list[dict]:
+    """One model's rows (``tables``: its bounds.csv, one or more seeds' files, rows of ``methods``): the
+    attacked ELBO, then each method's bound (gap closed against the first method's, in the same
+    files), cost and violations."""
+    base = methods[0]
     part = mean_bounds(tables, ball)
     shown = [a for a in shown_eps if all((a, m) in part.index for m in methods)]
-    rows = [{"model": model_name(eps), "bound": "attacked ELBO",
+    rows = [{"model": label, "bound": "attacked ELBO",
              **{f"eps {a:g}": nats(part.loc[(a, base), "attacked_elbo"]) for a in shown}, "s per image": "", "violations": ""}]
     for method in methods:
         own = tables[tables["method"] == method]
         cells = {f"eps {a:g}": nats(part.loc[(a, method), "bound"])
                  + ("" if method == base else f" ({gap_closed(part.loc[(a, base)], part.loc[(a, method), 'bound'])})")
                  for a in shown}
-        rows.append({"model": model_name(eps), "bound": method_title(method), **cells,
+        rows.append({"model": label, "bound": method_title(method), **cells,
                      "s per image": f"{own['seconds_per_image'].mean():.3g}", "violations": int(own["violations"].sum())})
     return rows
 
 
-def certify_markdown(results: Results, shown_eps=(0.01, 0.05, 0.1)) -> str:
+def radius_rows(radii: pd.DataFrame, label: str, methods: list[str]) -> list[dict]:
+    """One model's median certified radius per method (rows) and tau (columns) of its radii.csv."""
+    median, taus = median_radii(radii)
+    return [{"model": label, "bound": method_title(m),
+             **{f"ELBO drop <= {cell(tau)}": f"{median.loc[(tau, m)]:.4f}" for tau in taus}} for m in methods]
+
+
+def certify_markdown(results: Results, shown_eps=SHOWN_EPS) -> str:
     """Per model and eps: each method's certified bound, the share of the gap between the first
     method's (IBP's) bound and the attacked ELBO it closes, its cost per image, and the median
     certified radius per method."""
@@ -78,15 +94,12 @@ def certify_markdown(results: Results, shown_eps=(0.01, 0.05, 0.1)) -> str:
              "audit), over every eps_attack and both balls.", ""]
     for dataset in results.datasets:
         for ball in balls_in_order(results.headline):
-            rows = [row for eps in results.eps_of(dataset) for row in bounds_rows(results, dataset, eps, ball, shown_eps)]
+            rows = [row for eps in results.eps_of(dataset) for row in
+                    bounds_rows(results.certify_csv(dataset, eps, "bounds.csv"), model_name(eps), methods, ball, shown_eps)]
             lines += [f"## {results.labels[dataset]}, {BALL_TITLES[ball]}", "",
                       pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
-        rows = []
-        for eps in results.eps_of(dataset):
-            radii = results.certify_csv(dataset, eps, "radii.csv")
-            median, taus = median_radii(radii)
-            rows += [{"model": model_name(eps), "bound": method_title(m),
-                      **{f"ELBO drop <= {cell(tau)}": f"{median.loc[(tau, m)]:.4f}" for tau in taus}} for m in methods]
+        rows = [row for eps in results.eps_of(dataset)
+                for row in radius_rows(results.certify_csv(dataset, eps, "radii.csv"), model_name(eps), methods)]
         lines += [f"## {results.labels[dataset]}: median certified radius per method", "",
                   f"The largest l_inf radius (in the {BALL_TITLES[results.headline]}) whose whole ball keeps the certified ELBO "
                   "within tau of the clean one; 1/255 = 0.0039 is one grey level.", "",

@@ -2,8 +2,9 @@
 model's certified lower bound. Two questions, two rows: the attacks (top: mean over seeds, band min
 to max; a hollow marker where the attack-strength check found a stronger attack, so the curve there
 is only an upper bound) and the certified bounds by each certify method (`certify.methods`) beside
-the attacked ELBO on the same images (bottom: the certify stage's images); one column per dataset,
-one PNG per ball (reports/figures/fig3_attack_curves.png: the headline ball;
+the attacked ELBO on the same images (bottom: the certify stage's images; with `certify_elbo.models`
+listed, also their ELBO relaxation's bound on its own first images, dash-dot); one column per
+dataset, one PNG per ball (reports/figures/fig3_attack_curves.png: the headline ball;
 fig3_attack_curves_<ball>.png: the other).
 """
 
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from provae.report.attack_strength import point, upper_bounds
+from provae.report.certify_elbo import METHOD, ElboRun, elbo_bound_lines, elbo_style
 from provae.report.plotting import (LINE_STYLES, line_width, method_styles, model_handles, new_figure, palette,
                                     save_figure, shared_legend, style_handles)
 from provae.report.results import BALL_TITLES, Results
@@ -55,8 +57,9 @@ def draw_attacks(ax, results: Results, dataset: str, ball: str, checks: dict) ->
     return marked
 
 
-def draw_bounds(ax, results: Results, dataset: str, ball: str) -> str:
-    """Each model's bounds beside its attacked ELBO on the same images; the axis is cut below the
+def draw_bounds(ax, results: Results, dataset: str, ball: str, elbo_lines=()) -> str:
+    """Each model's bounds beside its attacked ELBO on the same images, and ``elbo_lines``
+    ((eps_train, bound per eps_attack): `certify_elbo.elbo_bound_lines`); the axis is cut below the
     attacked ELBOs, since a vacuous bound (millions of nats) would flatten every other line.
     Returns a note saying where the axis is cut, or "" when every bound fits."""
     colours, styles = palette(results), method_styles(results.methods)
@@ -69,6 +72,10 @@ def draw_bounds(ax, results: Results, dataset: str, ball: str) -> str:
                     linestyle=styles[method]["linestyle"])
             lowest = min(lowest, bounds[method].min())
         attacked.append(bounds["attacked"].to_numpy())
+    for eps, line in elbo_lines:
+        ax.plot(line.index, line.to_numpy(), color=colours[eps], linewidth=line_width(eps),
+                linestyle=method_styles([METHOD])[METHOD]["linestyle"])
+        lowest = min(lowest, line.min())
     low, high = min(a.min() for a in attacked), max(a.max() for a in attacked)
     span = high - low + 1.0
     floor = low - CUT_BELOW * span
@@ -76,16 +83,19 @@ def draw_bounds(ax, results: Results, dataset: str, ball: str) -> str:
     return f"axis cut at {floor:.0f} nats; the lines leaving it fall to {lowest:.3g}" if lowest < floor else ""
 
 
-def figure_attack_curves(results: Results, ball: str, path, checks: dict) -> list:
+def figure_attack_curves(results: Results, ball: str, path, checks: dict, elbo: list[ElboRun] = ()) -> list:
     """Figure 3 for one ball: attacks (top row) and certified bounds (bottom row), per dataset;
-    ``checks``: the attack-strength checks (`attack_strength.strength_checks`)."""
+    ``checks``: the attack-strength checks (`attack_strength.strength_checks`); ``elbo``: the runs of
+    `certify_elbo.models` (`certify_elbo.read_elbo_runs`), whose ELBO relaxation joins the bottom row."""
     fig, axes = new_figure(2, len(results.datasets), figsize=(max(5.6 * len(results.datasets), 11.2), 7.6))
-    marked = 0
+    marked, elbo_drawn = 0, False
     for column, dataset in enumerate(results.datasets):
         top, bottom = axes[0, column], axes[1, column]
         marked += draw_attacks(top, results, dataset, ball, checks)
         top.set_title(f"{results.labels[dataset]}: ELBO under attack", fontsize=10)
-        cut = draw_bounds(bottom, results, dataset, ball)
+        lines = elbo_bound_lines(list(elbo), dataset, ball)
+        elbo_drawn |= bool(lines)
+        cut = draw_bounds(bottom, results, dataset, ball, lines)
         bottom.set_title(f"{results.labels[dataset]}: certified lower bound, beside the attacked ELBO (faint)\n"
                          f"on certify's images{'; ' + cut if cut else ''}", fontsize=9)
         for ax in (top, bottom):
@@ -95,7 +105,8 @@ def figure_attack_curves(results: Results, ball: str, path, checks: dict) -> lis
     seeds = len(results.seeds)
     fig.suptitle(f"Figure 3 - {BALL_TITLES[ball]}: ELBO under the strongest attack (top; band: min to max over "
                  f"{seeds} seed{'s' * (seeds > 1)}) and its certified lower bound (bottom)", fontsize=10)
-    styles = ["attacked", *(["upper_bound"] if marked else []), *method_styles(results.methods).values()]
+    styles = ["attacked", *(["upper_bound"] if marked else []), *method_styles(results.methods).values(),
+              *([elbo_style(list(elbo))] if elbo_drawn else [])]
     shared_legend(fig, model_handles(results, results.eps_grid), style_handles(styles))
     return save_figure(fig, path, results, results.keys(),
                        f"Figure 3: ELBO under attack vs eps_attack, with certified bounds, {BALL_TITLES[ball]}")

@@ -37,6 +37,7 @@ class Patterns:
     data: str
     certify: str
     budget: str                          # the attack-budget ladder per model (attack_budget.models)
+    certify_elbo: str | None = None      # certify_elbo's folder per model (certify_elbo.models; needed once it lists one)
 
     def path(self, kind: str, dataset: str, eps: float, seed: int | None = None) -> Path:
         return Path(getattr(self, kind).format(dataset=dataset, eps=eps, seed=seed))
@@ -127,11 +128,11 @@ class Results:
                           for key in self.keys(dataset, eps)])
 
 
-def read_certify(path: Path, methods: list[str], hint: str) -> pd.DataFrame:
-    """One certify output (bounds.csv or radii.csv), rows of ``methods`` only; a missing file, or a
-    method it lacks, is an error naming the file."""
+def read_certify(path: Path, methods: list[str], hint: str, key: str = "certify.methods") -> pd.DataFrame:
+    """One certify output (bounds.csv or radii.csv), rows of ``methods`` (params' ``key``) only; a
+    missing file, or a method it lacks, is an error naming the file and saying what to run (``hint``)."""
     table = pd.read_csv(read_required(path, hint))
     missing = [m for m in methods if m not in set(table["method"])]
     if missing:
-        raise FileNotFoundError(f"{path} has no rows of method {missing} (certify.methods): run the certify stage")
+        raise FileNotFoundError(f"{path} has no rows of method {missing} ({key}): {hint}")
     return table[table["method"].isin(methods)]
