@@ -42,7 +42,7 @@ relock: $(BIN)/dvc
 MUTANTS ?= 'provae.interval.*' 'provae.bounds.*' 'provae.attacks.*' 'provae.linear_bounds.*' 'provae.certificate_audit.*' \
 	'scripts.audit.xǁProjectǁ__init__*' 'scripts.audit.xǁProjectǁlocked*' 'scripts.audit.xǁProjectǁpath_of*' \
 	'scripts.audit.x_inside*' 'scripts.audit.x_locked_outputs*' 'scripts.audit.x_output_problem*' \
-	'scripts.audit.x_check_outputs*' 'scripts.audit.x_non_finite*' 'scripts.audit.x_scan_per_example*' \
+	'scripts.audit.x_check_outputs*' 'scripts.audit.x_non_finite*' 'scripts.audit.x_scan_files*' 'scripts.audit.x_finite_verdict*' 'scripts.audit.x_model_files*' 'scripts.audit.x_scan_per_example*' \
 	'scripts.audit.x_scan_table*' 'scripts.audit.x_check_finite*' 'scripts.audit.x_images_at*' \
 	'scripts.audit.x_relative_difference*' 'scripts.audit.x_certificate_violations*'
 mutation: $(BIN)/dvc

@@ -4,16 +4,19 @@
     python scripts/audit.py --skip rerun         # leave out a check (checkpoints, outputs, finite, report,
                                                  # certificate, fresh_attack, rerun)
 
-Checks (README, "Auditing the results"):
+Checks (README, "Auditing the results"). "Each model": each model of the grid, and each model of
+`bound_training.models` trained again on `bound_training.bound` (its own `train_bound`,
+`evaluate_bound` and `certify_bound` outputs, named `mnist-elbo_crown-eps0.01-seed0`); paths are read
+from the stages' commands in dvc.lock.
 1. checkpoints: each model's checkpoint has the md5 that dvc.lock records, and its metadata (dataset,
-   eps_train, seed, sigma0, clip, latent_dim, train params, data md5) matches params.yaml and the
-   data that dvc.lock records;
+   eps_train, seed, sigma0, clip, latent_dim, train params, data md5, training bound) matches
+   params.yaml and the data that dvc.lock records;
 2. outputs: every output dvc.lock records (every stage's `outs`, files and folders: per-image
    values, figure arrays, curves, metrics, certify folders, attack-strength tables, checkpoints),
    and every dependency that is another stage's output, hashed the way DVC hashes it, equals
    dvc.lock's md5;
 3. finite: the committed per-image values and tables hold no NaN, and -inf only as a vacuous
-   bound (said so, per model);
+   bound (said so, per model), and so do certify_elbo's tables (per model of `certify_elbo.models`);
 4. report: the report stage, re-run into a temporary copy, writes byte-identical tables and figures;
 5. certificate: per model, the ELBO and the certified bound (both balls) recomputed on the audit's
    test images equal the committed per-example values within `audit.tolerance_relative`;
@@ -51,7 +54,7 @@ from provae.bounds import elbo, elbo_lower_bound  # noqa: E402
 from provae.data import DataError, prepare, save_prepared  # noqa: E402
 from provae.evaluation import BALLS, attack_curve, audit_records, evaluation_noise, load_for_evaluation  # noqa: E402
 from provae.files import file_digest as file_md5  # noqa: E402
-from provae.grid import GridModel, grid_models  # noqa: E402
+from provae.grid import GridModel, grid_models, models_of_grid  # noqa: E402
 from provae.sensitivity import residual_sign_attack  # noqa: E402
 import pandas as pd  # noqa: E402
 from dvc.fs import LocalFileSystem  # noqa: E402
@@ -80,6 +83,33 @@ def stage_of(kind: str, model: GridModel) -> str:
     return f"{kind}@{model.id}"
 
 
+@dataclass(frozen=True)
+class Audited:
+    """A model whose own outputs the per-model checks read: a model of the grid (``bound`` None:
+    `train@`, `evaluate@`, `certify@`), or one of `bound_training.models` trained again on ``bound``
+    (`train_bound@`, `evaluate_bound@`, `certify_bound@`: its own checkpoint and outputs)."""
+
+    model: GridModel
+    bound: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The per-model output name: `mnist-eps0.01-seed0`, `mnist-elbo_crown-eps0.01-seed0` (the
+        report's `provae.report.bound_training.variant_name`, not imported: provae.report loads
+        matplotlib and torchvision, and torchvision's import of cProfile finds scripts/profile.py)."""
+        m = self.model
+        return m.name if self.bound is None else f"{m.dataset}-{self.bound}-eps{m.eps!r}-seed{m.seed}"
+
+    def stage(self, kind: str) -> str:
+        """`train@mnist-0.01-0`, or `train_bound@mnist-0.01-0` for a model trained on another bound."""
+        return stage_of(kind if self.bound is None else f"{kind}_bound", self.model)
+
+
+def listed_models(params: dict, section: str) -> list[GridModel]:
+    """The models of ``params[section]["models"]`` (each in the grid); none when empty or absent."""
+    return models_of_grid(params, section) if (params.get(section) or {}).get("models") else []
+
+
 class Project:
     """params.yaml, dvc.yaml and dvc.lock of the checkout, and the per-model paths dvc.lock records."""
 
@@ -89,6 +119,11 @@ class Project:
         self.dvc = yaml.safe_load((root / "dvc.yaml").read_text())
         self.lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
         self.models = grid_models(self.params)
+        # The per-model checks' models: the grid's, then those trained again on bound_training.bound.
+        bound = (self.params.get("bound_training") or {}).get("bound")
+        self.audited = [Audited(m) for m in self.models] + [
+            Audited(m, bound) for m in listed_models(self.params, "bound_training")]
+        self.elbo_models = listed_models(self.params, "certify_elbo")  # certify_elbo@<id>: its own tables
 
     def locked(self, stage: str) -> dict:
         if stage not in self.lock:
@@ -112,12 +147,12 @@ def check_checkpoints(project: Project) -> list[Verdict]:
     from provae.model import load_checkpoint
 
     verdicts = []
-    for model in project.models:
-        stage = stage_of("train", model)
+    for audited in project.audited:
+        model, stage = audited.model, audited.stage("train")
         try:
-            path = project.path_of(stage, "--model")
+            path, data_path = project.path_of(stage, "--model"), project.path_of(stage, "--data")
         except KeyError as error:
-            verdicts.append(Verdict(f"checkpoint {model.name}", "a dvc.lock entry", str(error), False))
+            verdicts.append(Verdict(f"checkpoint {audited.name}", "a dvc.lock entry", str(error), False))
             continue
         where = path.relative_to(project.root)
         if not path.is_file():
@@ -130,11 +165,12 @@ def check_checkpoints(project: Project) -> list[Verdict]:
         except Exception as error:  # truncated or foreign file
             verdicts.append(Verdict(f"checkpoint {where}: loads", "a checkpoint", f"{type(error).__name__}: {error}", False))
             continue
-        data = project.dep_md5(stage, f"data/prepared/{model.dataset}.npz")
+        data = project.dep_md5(stage, data_path.relative_to(project.root).as_posix())
+        # `bound`: recorded only for a model trained on another bound than IBP (absent: None).
         wanted = {"dataset": model.dataset, "eps_train": model.eps, "seed": model.seed,
                   "sigma0": project.params["model"]["sigma0"], "clip": project.params["clip"],
                   "latent_dim": project.params["model"]["latent_dim"], "train_params": project.params["train"],
-                  "data_md5": data}
+                  "data_md5": data, "bound": audited.bound}
         differ = {key: (value, meta.get(key)) for key, value in wanted.items() if meta.get(key) != value}
         locked_params = project.locked(stage).get("params", {}).get("params.yaml", {})
         stale = {key: value for key, value in locked_params.items() if lookup(project.params, key) != value}
@@ -321,32 +357,57 @@ def scan_table(table: pd.DataFrame, where: str):
     return problems, vacuous
 
 
+def scan_files(project: Project, files, eps_train: float):
+    """``files`` (a callable: its paths, read from dvc.lock) scanned for NaN and misplaced
+    infinities: per-image values (.npz) and tables (.csv). -> (problems, vacuous bounds); a path
+    missing from dvc.lock or a file that does not read is a problem, not a crash."""
+    problems, vacuous = [], 0
+    try:
+        for path in files():
+            where = path.relative_to(project.root).as_posix()
+            if path.suffix == ".npz":
+                with np.load(path) as saved:
+                    found, count = scan_per_example({key: saved[key] for key in saved.files}, eps_train, where)
+            else:
+                found, count = scan_table(pd.read_csv(path), where)
+            problems += found
+            vacuous += count
+    except READ_ERRORS as error:
+        problems, vacuous = [f"{type(error).__name__}: {error}"], 0
+    return problems, vacuous
+
+
+def finite_verdict(check: str, problems: list[str], vacuous: int) -> Verdict:
+    said = f"; vacuous (-inf) bound in {vacuous} values" if vacuous else ""
+    return Verdict(check, "no NaN; -inf only as a vacuous bound",
+                   ("; ".join(problems) if problems else "no NaN") + said, not problems)
+
+
+def model_files(project: Project, audited: Audited) -> list[Path]:
+    """A model's per-image values, attack curves and certify tables. A grid model's certify tables
+    only where dvc.lock has its certify stage; a model trained on another bound must have them."""
+    evaluate, certify = audited.stage("evaluate"), audited.stage("certify")
+    files = [project.path_of(evaluate, "--out") / "per_example.npz", project.path_of(evaluate, "--curve")]
+    if audited.bound is not None or certify in project.lock:
+        files += [project.path_of(certify, flag) for flag in ("--bounds", "--radii")]
+    return files
+
+
 def check_finite(project: Project) -> list[Verdict]:
     """Per model: the committed per-image values (per_example.npz), its attack curves and its
-    certify tables hold no NaN, and -inf only as a vacuous bound (counted and said)."""
+    certify tables hold no NaN, and -inf only as a vacuous bound (counted and said); per model of
+    `certify_elbo.models`, so do that stage's bounds and radii."""
     verdicts = []
-    for model in project.models:
-        try:
-            files = [project.path_of(stage_of("evaluate", model), "--out") / "per_example.npz",
-                     project.path_of(stage_of("evaluate", model), "--curve")]
-            if stage_of("certify", model) in project.lock:
-                files += [project.path_of(stage_of("certify", model), flag) for flag in ("--bounds", "--radii")]
-            problems, vacuous = [], 0
-            for path in files:
-                where = path.relative_to(project.root).as_posix()
-                if path.suffix == ".npz":
-                    with np.load(path) as saved:
-                        found, count = scan_per_example({key: saved[key] for key in saved.files}, model.eps, where)
-                else:
-                    found, count = scan_table(pd.read_csv(path), where)
-                problems += found
-                vacuous += count
-        except READ_ERRORS as error:
-            problems, vacuous = [f"{type(error).__name__}: {error}"], 0
-        said = f"; vacuous (-inf) bound in {vacuous} values" if vacuous else ""
-        verdicts.append(Verdict(f"finite {model.name} (eps_train {model.eps:g}): per-image values, curves, certify",
-                                "no NaN; -inf only as a vacuous bound",
-                                ("; ".join(problems) if problems else "no NaN") + said, not problems))
+    for audited in project.audited:
+        problems, vacuous = scan_files(project, lambda: model_files(project, audited), audited.model.eps)
+        verdicts.append(finite_verdict(f"finite {audited.name} (eps_train {audited.model.eps:g}): "
+                                       "per-image values, curves, certify", problems, vacuous))
+    for model in project.elbo_models:
+        stage = stage_of("certify_elbo", model)
+        problems, vacuous = scan_files(project, lambda: [project.path_of(stage, flag) for flag in ("--bounds", "--radii")],
+                                       model.eps)
+        verdicts.append(finite_verdict(f"finite {model.name} (eps_train {model.eps:g}): certify_elbo's bounds, radii",
+                                       problems, vacuous))
     return verdicts
 
 
@@ -416,13 +477,18 @@ class DataSource:
         return prepared
 
 
-def load(project: Project, data: DataSource, model: GridModel):
-    return load_for_evaluation(project.path_of(stage_of("train", model), "--model"), model.eps, model.seed,
+def load(project: Project, data: DataSource, audited: Audited):
+    model = audited.model
+    return load_for_evaluation(project.path_of(audited.stage("train"), "--model"), model.eps, model.seed,
                                data.path(model.dataset), "cpu")
 
 
-def committed_per_example(project: Project, model: GridModel) -> dict:
-    with np.load(project.path_of(stage_of("evaluate", model), "--out") / "per_example.npz") as saved:
+def per_example_path(project: Project, audited: Audited) -> Path:
+    return project.path_of(audited.stage("evaluate"), "--out") / "per_example.npz"
+
+
+def committed_per_example(project: Project, audited: Audited) -> dict:
+    with np.load(per_example_path(project, audited)) as saved:
         return {key: saved[key] for key in saved.files}
 
 
@@ -462,26 +528,27 @@ def check_certificates(project: Project, data: DataSource) -> list[Verdict]:
     audit noise against the committed per-image values; NaN anywhere fails, naming the images."""
     tolerance = project.params["audit"]["tolerance_relative"]
     verdicts = []
-    for model in project.models:
+    for audited in project.audited:
+        model = audited.model
         try:
-            where = (project.path_of(stage_of("evaluate", model), "--out") / "per_example.npz").relative_to(project.root)
-            loaded = load(project, data, model)
-            committed = committed_per_example(project, model)
+            where = per_example_path(project, audited).relative_to(project.root)
+            loaded = load(project, data, audited)
+            committed = committed_per_example(project, audited)
             n = committed["audit_elbo"].shape[0]
             recomputed = audit_records(loaded.model, loaded.test_images[:n], model.eps, loaded.meta["sigma0"],
                                        model.seed)
         except READ_ERRORS as error:
-            verdicts.append(Verdict(f"certificate {model.name}", "loads and recomputes",
+            verdicts.append(Verdict(f"certificate {audited.name}", "loads and recomputes",
                                     f"{type(error).__name__}: {error}", False))
             continue
         for key, (what, vacuous_ok) in AUDIT_RECORDS.items():
             if key not in committed or key not in recomputed:
-                verdicts.append(Verdict(f"certificate {model.name}: {what}", f"{key} in {where}", "missing", False))
+                verdicts.append(Verdict(f"certificate {audited.name}: {what}", f"{key} in {where}", "missing", False))
                 continue
             worst, problems, vacuous = relative_difference(committed[key], recomputed[key], vacuous_ok)
             found = (f"{'; '.join(problems)} ({where} [{key}])" if problems else f"{worst:.2e}") + (
                 f"; vacuous (-inf) on both sides at {vacuous} of {n} images" if vacuous else "")
-            verdicts.append(Verdict(f"certificate {model.name}: {what} at eps_train {model.eps:g}, {n} images",
+            verdicts.append(Verdict(f"certificate {audited.name}: {what} at eps_train {model.eps:g}, {n} images",
                                     f"relative difference <= {tolerance:g}", found,
                                     not problems and worst <= tolerance))
     return verdicts
@@ -508,11 +575,12 @@ def check_fresh_attacks(project: Project, data: DataSource) -> list[Verdict]:
     p, a = project.params["evaluate"], project.params["audit"]
     verdicts = []
     generator = torch.Generator().manual_seed(2024)
-    for model in project.models:
+    for audited in project.audited:
+        model = audited.model
         try:
-            loaded = load(project, data, model)
+            loaded = load(project, data, audited)
         except READ_ERRORS as error:
-            verdicts.append(Verdict(f"fresh attack {model.name}", "loads", f"{type(error).__name__}: {error}", False))
+            verdicts.append(Verdict(f"fresh attack {audited.name}", "loads", f"{type(error).__name__}: {error}", False))
             continue
         x = loaded.test_images[: a["attack_examples"]]
         noise = evaluation_noise(x.shape[0], loaded.model.latent_dim, model.seed, p, x.device)["certificate"]
@@ -533,7 +601,7 @@ def check_fresh_attacks(project: Project, data: DataSource) -> list[Verdict]:
                     failures.append(f"eps_attack {eps:g}, {ball} ball: {', '.join(wrong)}")
         said = f"; vacuous (-inf) certificate for {vacuous}" if vacuous else ""
         found = ("; ".join(failures) if failures else f"{below} below") + said
-        verdicts.append(Verdict(f"fresh attack {model.name}: {checked} (image, eps, ball) triples",
+        verdicts.append(Verdict(f"fresh attack {audited.name}: {checked} (image, eps, ball) triples",
                                 "0 below the certificate, no NaN", found, not failures))
     return verdicts
 
@@ -548,9 +616,10 @@ def check_rerun(project: Project, data: DataSource) -> list[Verdict]:
     p, a, strength = project.params["evaluate"], project.params["audit"], project.params["attack_strength"]
     choice = a["rerun_model"]
     model = GridModel(choice["dataset"], float(choice["eps_train"]), int(choice["seed"]))
-    loaded = load(project, data, model)
-    committed = committed_per_example(project, model)
-    where = (project.path_of(stage_of("evaluate", model), "--out") / "per_example.npz").relative_to(project.root)
+    audited = Audited(model)  # a model of the grid
+    loaded = load(project, data, audited)
+    committed = committed_per_example(project, audited)
+    where = per_example_path(project, audited).relative_to(project.root)
     headline = "clipped" if loaded.meta["clip"] else "unclipped"
     n = min(a["rerun_examples"], committed[f"{headline}/elbo_attacked"].shape[1])
     images = loaded.test_images[:n]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from provae import EpsSchedule, make_model, minibatches, train_epoch
 
@@ -174,7 +175,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROJECT_FILES = ["provae", "stages", "scripts", "profiles", "references", "dvc.yaml", "params.yaml",
                  "pyproject.toml", ".gitignore", ".dvcignore",
                  # committed inputs of the report stage that no stage writes
-                 "reports/REPRODUCTION.md.j2", "reports/training_length"]
+                 "reports/REPRODUCTION.md.j2", "reports/training_length", "reports/certify_elbo/README.md"]
 
 def run(args, cwd, env, check=True):
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
@@ -217,4 +218,25 @@ def copy_project(repo: Path, env: dict, profile: str = "tiny") -> Path:
     run(["git", "commit", "-qm", f"{profile} profile"], repo, env)
     return repo
 
+
+# The tiny profile's model that the optional per-model stages list in `listed_project`.
+LISTED = {"mnist-0.05-0": {"dataset": "mnist", "eps": 0.05, "seed": 0}}
+LISTED_EXAMPLES = 2  # certify_elbo.examples there: the ELBO relaxation costs seconds per image
+
+
+@pytest.fixture(scope="session")
+def listed_project(tmp_path_factory, env):
+    """The tiny profile with `LISTED` on `bound_training.models` and `certify_elbo.models`, reproduced
+    once for every test of those stages (a few minutes on 2 CPU cores) and committed. -> (repo, env,
+    params, the output of `dvc repro`). Tests that change it put it back."""
+    env = {**env, "OMP_NUM_THREADS": "1"}  # faster on 2 cores (README, "Scale-out")
+    repo = copy_project(tmp_path_factory.mktemp("listed") / "repo", env)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["bound_training"]["models"] = params["certify_elbo"]["models"] = LISTED
+    params["certify_elbo"]["examples"] = LISTED_EXAMPLES
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    output = run(["dvc", "repro"], repo, env).stdout
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "listed models"], repo, env)
+    return repo, env, params, output
 

@@ -3,14 +3,19 @@
 A tiny project is reproduced once (module fixture, a couple of minutes on 2 CPU cores) and
 committed; each test damages a copy of one committed result, runs scripts/audit.py (the slow
 checks skipped where they are not the subject), restores the bytes, and reads the verdict table.
+A copy of `conftest.listed_project` (the tiny project with mnist-0.05-0 on `bound_training.models`
+and `certify_elbo.models`, their stages reproduced) checks that the per-model checks visit those
+models' files too.
 The comparisons themselves, on values made by hand: tests/test_audit_checks.py.
 """
 
 import io
 import re
+import shutil
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -167,3 +172,79 @@ def test_a_csv_edited_by_one_digit_fails(project, env, path, named):
         code, output = audit(project, env)
     assert code == 1
     assert_fails_naming(output, named.format(path=re.escape(path), model=MODEL))
+
+
+# --- the models of bound_training.models and certify_elbo.models, visited by the per-model checks ---
+
+VARIANT = "mnist-elbo_crown-eps0.05-seed0"  # mnist-0.05-0 trained again on bound_training.bound
+BOUND_CHECKPOINT = "models/mnist/elbo_crown-eps0.05-seed0.pt"
+BOUND_PER_EXAMPLE = f"reports/eval/{VARIANT}/per_example.npz"
+ELBO_BOUNDS = f"reports/certify_elbo/{MODEL}/bounds.csv"
+
+
+@pytest.fixture(scope="module")
+def listed(listed_project, tmp_path_factory):
+    """A copy of `conftest.listed_project`: the tiny project with mnist-0.05-0 on
+    `bound_training.models` and on `certify_elbo.models`, its stages (train_bound, evaluate_bound,
+    certify_bound, certify_elbo) reproduced and committed; a copy, since the tests here damage it."""
+    repo, _, _, ran = listed_project
+    assert {f"{stage}@mnist-0.05-0" for stage in ("train_bound", "evaluate_bound", "certify_bound", "certify_elbo")} <= set(
+        re.findall(r"Running stage '([^']+)'", ran))
+    copy = tmp_path_factory.mktemp("listed_copy") / "repo"
+    shutil.copytree(repo, copy, symlinks=True)
+    return copy
+
+
+def passed_row(output: str, pattern: str) -> None:
+    assert any(re.search(pattern, line) and line.rstrip().endswith("| pass") for line in output.splitlines()), (
+        f"no passing row matches {pattern!r} in:\n{output}")
+
+
+def test_the_listed_models_are_audited_and_pass(listed, env):
+    code, output = audit(listed, env, skip=("rerun",))
+    assert code == 0, output
+    for pattern in (rf"checkpoint {re.escape(BOUND_CHECKPOINT)}: md5 ", rf"checkpoint {re.escape(BOUND_CHECKPOINT)}: metadata ",
+                    rf"finite {VARIANT} \(eps_train 0.05\): per-image values, curves, certify ",
+                    rf"finite {MODEL} \(eps_train 0.05\): certify_elbo's bounds, radii ",
+                    rf"certificate {VARIANT}: LB, clipped ball at eps_train 0.05",
+                    rf"fresh attack {VARIANT}: \d+ \(image, eps, ball\) triples",
+                    r"outputs: every path dvc.lock records .*\| (\d+) of \1 match"):
+        passed_row(output, pattern)
+
+
+def test_a_nan_in_the_bound_trained_models_per_image_value_fails(listed, env):
+    with Damaged(listed, BOUND_PER_EXAMPLE):
+        edit_npz(listed / BOUND_PER_EXAMPLE, "unclipped/bound", (1, 2), lambda v: np.nan)
+        code, output = audit(listed, env)
+    assert code == 1
+    assert_fails_naming(output, rf"finite {VARIANT} .*NaN in {re.escape(BOUND_PER_EXAMPLE)} \[unclipped/bound\] "
+                                r"at eps_attack 0.05, unclipped ball")
+    assert not any(f"finite {MODEL} " in row for row in failed(output)), output  # its IBP-trained twin is intact
+
+
+def test_a_nan_in_certify_elbos_bounds_fails_naming_the_file(listed, env):
+    with Damaged(listed, ELBO_BOUNDS):
+        table = pd.read_csv(listed / ELBO_BOUNDS)
+        assert set(table["method"]) == {"ibp", "crown", "elbo"}
+        table.loc[(table["method"] == "elbo") & (table["eps_attack"] == 0.05), "attacked_elbo"] = np.nan
+        table.to_csv(listed / ELBO_BOUNDS, index=False)
+        code, output = audit(listed, env)
+    assert code == 1
+    assert_fails_naming(output, rf"finite {MODEL} \(eps_train 0.05\): certify_elbo's bounds, radii .*"
+                                rf"NaN in {re.escape(ELBO_BOUNDS)} \[attacked_elbo\] at eps_attack 0.05, \w+ ball, "
+                                r"elbo \(1 of 1\) +\|",
+                        rf"output reports/certify_elbo/{MODEL} .*bounds.csv")
+
+
+def test_a_tampered_bound_trained_checkpoint_fails(listed, env):
+    target = listed / BOUND_CHECKPOINT
+    with Damaged(listed, BOUND_CHECKPOINT):
+        payload = torch.load(target, weights_only=True)
+        name = next(key for key, value in payload["state_dict"].items() if value.is_floating_point())
+        payload["state_dict"][name] = payload["state_dict"][name] + 1e-2
+        torch.save(payload, target)
+        code, output = audit(listed, env, skip=("report", "fresh_attack", "rerun"))
+    assert code == 1
+    assert_fails_naming(output, rf"checkpoint {re.escape(BOUND_CHECKPOINT)}: md5 ", rf"output {re.escape(BOUND_CHECKPOINT)} ",
+                        rf"certificate {VARIANT}: ")
+    assert not any(row.startswith(f"certificate {MODEL}") for row in failed(output)), output

@@ -444,3 +444,310 @@ def test_finite_check_reads_certifys_tables(tmp_path):
     assert not verdict.passed and verdict.found == (
         "NaN in k/b.csv [bound] at eps_attack 0.05, clipped ball, crown (1 of 1); "
         "NaN in k/r.csv [radius] at image 0, ibp, 5 nats (1 of 1)")
+
+
+# --- the models of bound_training.models and certify_elbo.models: visited by the per-model checks ---
+
+BOUND, LISTED = "elbo_crown", {"mnist-0.05-0": {"dataset": "mnist", "eps": 0.05, "seed": 0}}
+VARIANT = "mnist-elbo_crown-eps0.05-seed0"  # the bound-trained model's output name
+STAGES = yaml.safe_load((audit.ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def locked_cmd(kind: str, item: dict, bound: str = BOUND) -> str:
+    """The command dvc.lock records for ``kind@<id>``: dvc.yaml's template, filled in as DVC does."""
+    cmd = STAGES[kind]["do"]["cmd"]
+    for key, value in (("item.dataset", item["dataset"]), ("item.eps", repr(item["eps"])), ("item.seed", item["seed"]),
+                       ("bound_training.bound", bound)):
+        cmd = cmd.replace("${" + key + "}", str(value))
+    assert "${" not in cmd, cmd
+    return cmd
+
+
+def with_lists(root, bound_models=LISTED, elbo_models=LISTED) -> "audit.Project":
+    """finite_project's files plus both lists in params.yaml: their stages' commands in dvc.lock
+    (as dvc.yaml templates them) and their files (the grid model's, copied: finite)."""
+    project = finite_project(root, certify=True)
+    params = {**project.params, "bound_training": {"bound": BOUND, "models": bound_models},
+              "certify_elbo": {"models": elbo_models, "examples": 16}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    lock = project.lock
+    for model_id, item in bound_models.items():
+        for kind in ("evaluate_bound", "certify_bound"):
+            lock[f"{kind}@{model_id}"] = {"cmd": locked_cmd(kind, item)}
+    for model_id, item in elbo_models.items():
+        lock[f"certify_elbo@{model_id}"] = {"cmd": locked_cmd("certify_elbo", item)}
+    (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": lock}))
+    project = audit.Project(root)
+    for audited in project.audited[1:]:
+        evaluate = project.path_of(audited.stage("evaluate"), "--out")
+        evaluate.mkdir(parents=True)
+        shutil.copy(root / "e" / "m" / "per_example.npz", evaluate / "per_example.npz")
+        copy(root / "c" / "m.csv", project.path_of(audited.stage("evaluate"), "--curve"))
+        for flag, name in (("--bounds", "b.csv"), ("--radii", "r.csv")):
+            copy(root / "k" / name, project.path_of(audited.stage("certify"), flag))
+    for model in project.elbo_models:
+        elbo_table(project.path_of(f"certify_elbo@{model.id}", "--bounds"))
+        copy(root / "k" / "r.csv", project.path_of(f"certify_elbo@{model.id}", "--radii"))
+    return project
+
+
+def copy(source, target) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, target)
+
+
+def elbo_table(path, bound=(-3.0, -2.5, -2.0), attacked_elbo=(-1.0, -1.0, -1.0)) -> None:
+    """certify_elbo's bounds.csv: one row per method, the headline ball, at one eps_attack."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"ball": ["unclipped"] * 3, "eps_attack": [0.05] * 3, "method": ["ibp", "crown", "elbo"],
+                  "bound": list(bound), "attacked_elbo": list(attacked_elbo),
+                  "gap": [a - b for a, b in zip(attacked_elbo, bound)], "violations": [0, 0, 0],
+                  "seconds_per_image": [0.1, 0.2, 1.5]}).to_csv(path, index=False)
+
+
+def rows(verdicts) -> list[tuple]:
+    return [(v.check, v.expected, v.found, v.passed) for v in verdicts]
+
+
+def test_with_empty_lists_the_checked_models_and_verdicts_are_the_grids(tmp_path):
+    before = finite_project(tmp_path, certify=True)
+    verdicts = rows(audit.check_finite(before))
+    assert before.audited == [audit.Audited(before.models[0])] and before.elbo_models == []
+    for sections in ({"bound_training": {"bound": BOUND, "models": {}}, "certify_elbo": {"models": {}}},
+                     {"bound_training": {"bound": BOUND, "models": None}, "certify_elbo": None}):
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({**before.params, **sections}))
+        project = audit.Project(tmp_path)
+        assert [(a.name, a.stage("train"), a.bound) for a in project.audited] == [
+            ("mnist-eps0.05-seed0", "train@mnist-0.05-0", None)]
+        assert project.elbo_models == [] and rows(audit.check_finite(project)) == verdicts
+
+
+def test_the_listed_models_are_named_and_staged_as_dvc_yaml_names_them(tmp_path):
+    project = with_lists(tmp_path)
+    grid, bound = project.audited
+    assert (grid.name, grid.stage("evaluate")) == ("mnist-eps0.05-seed0", "evaluate@mnist-0.05-0")
+    assert (bound.name, bound.bound, [bound.stage(k) for k in ("train", "evaluate", "certify")]) == (
+        VARIANT, BOUND, ["train_bound@mnist-0.05-0", "evaluate_bound@mnist-0.05-0", "certify_bound@mnist-0.05-0"])
+    assert [m.id for m in project.elbo_models] == ["mnist-0.05-0"]
+    from provae.report.bound_training import bound_models, variant_name  # the report's names and models
+
+    assert bound.name == variant_name(bound.model, BOUND) and [bound.model] == bound_models(project.params)
+    assert audit.Audited(audit.GridModel("cifar10", 0.1, 2), "b").name == "cifar10-b-eps0.1-seed2"
+    # the paths, read from the commands, are dvc.yaml's
+    assert audit.per_example_path(project, bound) == tmp_path / f"reports/eval/{VARIANT}/per_example.npz"
+    assert project.path_of("certify_elbo@mnist-0.05-0", "--bounds") == (
+        tmp_path / "reports/certify_elbo/mnist-eps0.05-seed0/bounds.csv")
+
+
+def test_finite_visits_the_bound_trained_model_and_certify_elbo(tmp_path):
+    project = with_lists(tmp_path)
+    assert rows(audit.check_finite(project)) == [
+        ("finite mnist-eps0.05-seed0 (eps_train 0.05): per-image values, curves, certify",
+         "no NaN; -inf only as a vacuous bound", "no NaN; vacuous (-inf) bound in 3 values", True),
+        (f"finite {VARIANT} (eps_train 0.05): per-image values, curves, certify",
+         "no NaN; -inf only as a vacuous bound", "no NaN; vacuous (-inf) bound in 3 values", True),
+        ("finite mnist-eps0.05-seed0 (eps_train 0.05): certify_elbo's bounds, radii",
+         "no NaN; -inf only as a vacuous bound", "no NaN", True)]
+
+
+@pytest.mark.parametrize("key, index, where", [
+    ("audit_lb_clipped", 0, "eps_train 0.05, clipped ball (1 of 2)"),
+    ("unclipped/elbo_attacked", (1, 0), "eps_attack 0.05, unclipped ball (1 of 2)"),
+])
+def test_a_nan_in_a_bound_trained_models_per_image_values_fails_naming_it(tmp_path, key, index, where):
+    project = with_lists(tmp_path)
+    path = f"reports/eval/{VARIANT}/per_example.npz"
+    np.savez(tmp_path / path, **per_example((key, index)))
+    grid, bound, elbo = audit.check_finite(project)
+    assert grid.passed and elbo.passed
+    assert bound.check.startswith(f"finite {VARIANT} ") and not bound.passed
+    assert bound.found.startswith(f"NaN in {path} [{key}] at {where}")
+
+
+def test_a_nan_in_a_bound_trained_models_curve_or_certify_table_fails_naming_the_file(tmp_path):
+    project = with_lists(tmp_path)
+    curve = tmp_path / f"reports/attack_curves/{VARIANT}.csv"
+    pd.DataFrame({"eps_attack": [0.0, 0.05], "bound_unclipped": [-1.0, NAN]}).to_csv(curve, index=False)
+    radii = tmp_path / f"reports/certify/{VARIANT}/radii.csv"
+    pd.DataFrame({"image": [0], "method": ["crown"], "tau": ["5 nats"], "radius": [NAN]}).to_csv(radii, index=False)
+    [bound] = [v for v in audit.check_finite(project) if not v.passed]
+    assert bound.found == (f"NaN in reports/attack_curves/{VARIANT}.csv [bound_unclipped] at eps_attack 0.05, "
+                           f"unclipped ball (1 of 1); NaN in reports/certify/{VARIANT}/radii.csv [radius] at image 0, "
+                           "crown, 5 nats (1 of 1); vacuous (-inf) bound in 2 values")
+
+
+@pytest.mark.parametrize("column, values, found", [
+    ("bound", dict(bound=(-3.0, NAN, -2.0)), "NaN in {path} [bound] at eps_attack 0.05, unclipped ball, crown (1 of 1)"),
+    ("attacked_elbo", dict(attacked_elbo=(-1.0, -1.0, NAN)),
+     "NaN in {path} [attacked_elbo] at eps_attack 0.05, unclipped ball, elbo (1 of 1)"),
+    ("attacked_elbo", dict(attacked_elbo=(-INF, -1.0, -1.0)),  # an ELBO is never vacuous
+     "-inf in {path} [attacked_elbo] at eps_attack 0.05, unclipped ball, ibp (1 of 1)"),
+])
+def test_a_nan_in_certify_elbos_bounds_fails_naming_the_file(tmp_path, column, values, found):
+    project = with_lists(tmp_path)
+    path = "reports/certify_elbo/mnist-eps0.05-seed0/bounds.csv"
+    elbo_table(tmp_path / path, **values)
+    *models, elbo = audit.check_finite(project)
+    assert all(v.passed for v in models)
+    assert elbo.check == "finite mnist-eps0.05-seed0 (eps_train 0.05): certify_elbo's bounds, radii"
+    assert not elbo.passed and elbo.found.startswith(found.format(path=path))
+
+
+def test_a_vacuous_bound_in_certify_elbos_bounds_is_said_not_failed(tmp_path):
+    project = with_lists(tmp_path)
+    elbo_table(tmp_path / "reports/certify_elbo/mnist-eps0.05-seed0/bounds.csv", bound=(-INF, -INF, -2.0))
+    elbo = audit.check_finite(project)[-1]
+    assert (elbo.found, elbo.passed) == ("no NaN; vacuous (-inf) bound in 2 values", True)  # and gap +inf: allowed
+
+
+@pytest.mark.parametrize("stage", ["evaluate_bound@mnist-0.05-0", "certify_bound@mnist-0.05-0",
+                                   "certify_elbo@mnist-0.05-0"])
+def test_a_listed_models_stage_missing_from_dvc_lock_fails_naming_it(tmp_path, stage):
+    project = with_lists(tmp_path)
+    del project.lock[stage]
+    verdicts = audit.check_finite(project)
+    assert len(verdicts) == 3 and verdicts[0].passed
+    [failed] = [v for v in verdicts if not v.passed]
+    assert failed.found == f"KeyError: 'dvc.lock has no stage {stage}: run and commit the pipeline first'"
+    assert failed.check.startswith(f"finite {VARIANT} " if "bound" in stage else "finite mnist-eps0.05-seed0 ")
+
+
+def test_a_listed_model_outside_the_grid_is_refused(tmp_path):
+    with_lists(tmp_path)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["certify_elbo"]["models"] = {"mnist-0.1-0": {"dataset": "mnist", "eps": 0.1, "seed": 0}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ValueError, match=r"certify_elbo.models names models that are not in the grid"):
+        audit.Project(tmp_path)
+
+
+# --- checkpoints, certificate and fresh attack of a bound-trained model, on small checkpoints ---
+
+
+SIGMA0 = 0.7071067811865476
+
+
+@pytest.fixture
+def trained_project(tmp_path):
+    """A project with one grid model and its twin trained on BOUND: small checkpoints (different
+    weights, same eps_train and seed), prepared data, dvc.lock's train, train_bound, evaluate and
+    evaluate_bound entries (md5s, data dep, params), and per_example.npz's audit records."""
+    from provae.data import PreparedData, save_prepared
+    from provae.model import save_checkpoint
+
+    root, item = tmp_path, LISTED["mnist-0.05-0"]
+    train = {"epochs": 1, "batch_size": 8}
+    params = {"datasets": ["mnist"], "grid": LISTED, "clip": False, "model": {"sigma0": SIGMA0, "latent_dim": 4},
+              "train": train, "bound_training": {"bound": BOUND, "models": LISTED}, "certify_elbo": {"models": {}},
+              "evaluate": {"eps_attack": [0.0, 0.05], "attack_examples": 4, "score_samples": 1,
+                           "audit_tolerance": 1e-4},
+              "audit": {"attack_examples": 2, "attack_steps": 2, "tolerance_relative": 1e-4}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    images = (torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    data = root / "data" / "prepared" / "mnist.npz"
+    data.parent.mkdir(parents=True)
+    save_prepared(PreparedData(images, torch.zeros(6, dtype=torch.uint8), images, torch.zeros(6, dtype=torch.uint8),
+                               {"dataset": "mnist"}), data)
+    data_md5 = audit.file_md5(data)
+    lock = {}
+    for kind, weights, bound in (("train", 0, None), ("train_bound", 1, BOUND)):
+        project_lock = {"cmd": locked_cmd(kind, item)}
+        lock[f"{kind}@mnist-0.05-0"] = project_lock
+        words = project_lock["cmd"].split()
+        model_path = root / words[words.index("--model") + 1]
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"dataset": "mnist", "eps_train": 0.05, "seed": 0, "sigma0": SIGMA0, "clip": False, "latent_dim": 4,
+                "train_params": train, "data_md5": data_md5, **({"bound": bound} if bound else {})}
+        save_checkpoint(model_path, small_model(weights), meta)
+        project_lock["deps"] = [{"path": "data/prepared/mnist.npz", "hash": "md5", "md5": data_md5}]
+        project_lock["outs"] = [{"path": model_path.relative_to(root).as_posix(), "hash": "md5",
+                                 "md5": audit.file_md5(model_path)}]
+        project_lock["params"] = {"params.yaml": {"clip": False, "train": train,
+                                                  **({"bound_training.bound": bound} if bound else {})}}
+        evaluate = kind.replace("train", "evaluate")
+        lock[f"{evaluate}@mnist-0.05-0"] = {"cmd": locked_cmd(evaluate, item)}
+    (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": lock}))
+    project = audit.Project(root)
+    for audited in project.audited:  # what `evaluate` records for `make audit`, from each model's own checkpoint
+        loaded = audit.load(project, SimpleNamespace(path=lambda dataset: data), audited)
+        records = audit.audit_records(loaded.model, loaded.test_images[:4], 0.05, SIGMA0, 0)
+        audit.per_example_path(project, audited).parent.mkdir(parents=True)
+        np.savez(audit.per_example_path(project, audited), eps_attack=np.array([0.0, 0.05]), **records)
+    return SimpleNamespace(project=project, data=SimpleNamespace(path=lambda dataset: data),
+                           grid=root / "models/mnist/eps0.05-seed0.pt", bound=root / f"models/mnist/{BOUND}-eps0.05-seed0.pt")
+
+
+def test_checkpoints_checks_the_bound_trained_checkpoint(trained_project):
+    verdicts = rows(audit.check_checkpoints(trained_project.project))
+    assert [(check, passed) for check, _, _, passed in verdicts] == [
+        ("checkpoint models/mnist/eps0.05-seed0.pt: md5", True), ("checkpoint models/mnist/eps0.05-seed0.pt: metadata", True),
+        (f"checkpoint models/mnist/{BOUND}-eps0.05-seed0.pt: md5", True),
+        (f"checkpoint models/mnist/{BOUND}-eps0.05-seed0.pt: metadata", True)]
+
+
+def test_a_tampered_bound_trained_checkpoint_fails_checkpoints(trained_project):
+    data = bytearray(trained_project.bound.read_bytes())
+    data[-30] ^= 1  # one bit, inside the archive's directory
+    trained_project.bound.write_bytes(bytes(data))
+    failed = [v for v in audit.check_checkpoints(trained_project.project) if not v.passed]
+    assert failed and all(v.check.startswith(f"checkpoint models/mnist/{BOUND}-eps0.05-seed0.pt: ") for v in failed)
+    assert failed[0].check.endswith(": md5") and failed[0].expected.endswith("(dvc.lock)")
+
+
+def test_an_ibp_checkpoint_in_the_bound_trained_models_place_fails_its_metadata(trained_project):
+    """The grid model's file copied over its bound-trained twin and dvc.lock's md5 updated: only
+    the recorded bound tells them apart (and the certificate, below)."""
+    project = trained_project.project
+    shutil.copy(trained_project.grid, trained_project.bound)
+    project.lock["train_bound@mnist-0.05-0"]["outs"][0]["md5"] = audit.file_md5(trained_project.bound)
+    failed = rows(v for v in audit.check_checkpoints(project) if not v.passed)
+    assert failed == [(f"checkpoint models/mnist/{BOUND}-eps0.05-seed0.pt: metadata", "params.yaml and dvc.lock's data",
+                       f"bound: None, expected '{BOUND}'", False)]
+
+
+def test_a_changed_training_bound_is_stale_for_the_bound_trained_checkpoint(trained_project):
+    project = trained_project.project
+    project.params["bound_training"]["bound"] = "ibp_other"
+    project.audited = [project.audited[0], audit.Audited(project.audited[1].model, "ibp_other")]
+    failed = rows(v for v in audit.check_checkpoints(project) if not v.passed)
+    assert failed == [
+        (f"checkpoint models/mnist/{BOUND}-eps0.05-seed0.pt: metadata", "params.yaml and dvc.lock's data",
+         f"bound: '{BOUND}', expected 'ibp_other'", False),
+        ("train_bound@mnist-0.05-0: params", "dvc.lock's params = params.yaml", "params.yaml changed: bound_training.bound",
+         False)]
+
+
+def test_a_bound_trained_model_missing_from_dvc_lock_fails_every_check_naming_the_stage(trained_project):
+    project = trained_project.project
+    del project.lock["train_bound@mnist-0.05-0"]
+    missing = "dvc.lock has no stage train_bound@mnist-0.05-0: run and commit the pipeline first"
+    assert rows(audit.check_checkpoints(project))[-1] == (f"checkpoint {VARIANT}", "a dvc.lock entry", f"'{missing}'", False)
+    assert rows(audit.check_certificates(project, trained_project.data))[-1] == (
+        f"certificate {VARIANT}", "loads and recomputes", f"KeyError: '{missing}'", False)
+    assert rows(audit.check_fresh_attacks(project, trained_project.data))[-1] == (
+        f"fresh attack {VARIANT}", "loads", f"KeyError: '{missing}'", False)
+
+
+def test_certificate_and_fresh_attack_recompute_the_bound_trained_model(trained_project):
+    project, data = trained_project.project, trained_project.data
+    certificates = audit.check_certificates(project, data)
+    assert [(v.check, v.passed) for v in certificates] == [
+        (f"certificate {name}: {what} at eps_train 0.05, 4 images", True) for name in ("mnist-eps0.05-seed0", VARIANT)
+        for what in ("ELBO", "LB, unclipped ball", "LB, clipped ball")]
+    attacks = audit.check_fresh_attacks(project, data)
+    assert [(v.check, v.found, v.passed) for v in attacks] == [
+        (f"fresh attack {name}: 4 (image, eps, ball) triples", "0 below", True) for name in ("mnist-eps0.05-seed0", VARIANT)]
+
+
+def test_the_certificate_check_reads_the_bound_trained_models_own_checkpoint(trained_project):
+    """The grid model's weights under the bound-trained model's metadata: the loader takes it (same
+    eps_train and seed), but its recomputed values are not the committed ones of evaluate_bound."""
+    from provae.model import load_checkpoint, save_checkpoint
+
+    meta = load_checkpoint(trained_project.bound).metadata
+    save_checkpoint(trained_project.bound, load_checkpoint(trained_project.grid).model, meta)
+    verdicts = audit.check_certificates(trained_project.project, trained_project.data)
+    assert all(v.passed for v in verdicts[:3])
+    assert [v.check for v in verdicts[3:] if not v.passed] == [
+        f"certificate {VARIANT}: {what} at eps_train 0.05, 4 images" for what in ("ELBO", "LB, unclipped ball", "LB, clipped ball")]

@@ -65,7 +65,10 @@ def read_elbo_runs(results: Results, models: list[GridModel]) -> list[ElboRun]:
     if not models:  # params before the stage have no section to read
         return []
     settings = results.params["certify_elbo"]
-    methods, examples = [str(m) for m in settings["methods"]], int(settings["examples"])
+    methods = [str(m) for m in settings["methods"]]
+    # As the stage counts them: certify_elbo.examples, but no more than certify's, nor than evaluate attacked.
+    examples = min(int(settings["examples"]), int(results.params["certify"]["examples"]),
+                   int(results.params["evaluate"]["attack_examples"]))
     runs = []
     for model in models:
         folder = results.patterns.path("certify_elbo", model.dataset, model.eps, model.seed)
