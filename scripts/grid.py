@@ -19,7 +19,7 @@ from ruamel.yaml.comments import CommentedMap
 
 from provae.grid import GridModel, parse_models, product
 
-STAGE_MODEL_LISTS = ("attack_strength", "attack_budget", "bound_training")
+STAGE_MODEL_LISTS = ("attack_strength", "attack_budget", "bound_training", "certify_elbo")
 
 
 def flow(entry: dict) -> CommentedMap:

@@ -56,6 +56,6 @@ def test_the_committed_params_and_profiles_hold_valid_grids(name):
     params = yaml.safe_load((ROOT / name).read_text())
     models = grid_models(params)
     assert len(set(models)) == len(models)
-    for section in ("attack_strength", "attack_budget", "bound_training"):
+    for section in ("attack_strength", "attack_budget", "bound_training", "certify_elbo"):
         if params.get(section, {}).get("models"):  # bound_training's may be empty: no such stages
             assert models_of_grid(params, section)
