@@ -200,18 +200,47 @@ def test_a_vacuous_bound_is_no_difference_and_counts_as_lower(results, inputs, t
            "certify method: no; a clean ELBO at least the twin's: no)" in page  # BOUND_CHANGES: a cost in clean ELBO
 
 
-def test_reproduction_says_whether_a_model_was_trained_on_the_bound(inputs, tmp_path):
+def rendered_reproduction(inputs, tmp_path, settings, bound, name) -> str:
     from provae.report.build import Page
     from test_report_reproduction import ROOT, TEMPLATE
+    out = dataclasses.replace(with_page(tmp_path / name), reproduction=tmp_path / name / "REPRODUCTION.md")
+    page = Page(template=TEMPLATE, paper=ROOT / "references" / "paper.json", params=ROOT / "params.yaml")
+    build_report(inputs[0], out, settings, paper(), page, bound)
+    return out.reproduction.read_text()
 
-    def rendered(settings, bound, name):
-        out = with_page(tmp_path / name)
-        out = dataclasses.replace(out, reproduction=tmp_path / name / "REPRODUCTION.md")
-        page = Page(template=TEMPLATE, paper=ROOT / "references" / "paper.json", params=ROOT / "params.yaml")
-        build_report(inputs[0], out, settings, paper(), page, bound)
-        return out.reproduction.read_text()
 
-    listed = rendered(bound_params(), make_bound_inputs(*inputs), "listed")
-    assert f"trained so far: {GridModel(*TWIN).id}; the page above" in listed and "no model is trained" not in listed
-    empty = rendered(bound_params(models=[]), None, "empty")
-    assert "no model is trained on it yet, so the hypothesis above is untested." in empty and "trained so far" not in empty
+def bullet(page: str, model: str) -> str:
+    """REPRODUCTION.md's bullet on a bound-trained model, up to its verdict."""
+    start = page.index(f"- {model}, seed 0: clean test ELBO")
+    return page[start:page.index("here.", start)]
+
+
+def test_reproduction_gives_each_models_numbers_and_verdict(inputs, tmp_path):
+    found, folder = inputs
+    bound = make_bound_inputs(found, folder, {"seconds": 700.0})
+    page = rendered_reproduction(inputs, tmp_path, bound_params(), bound, "listed")
+    text = bullet(page, "MNIST proVAE eps_train=0.1")
+    rows = expected_rows(found, bound)
+    base = tmp_path / "listed"
+    numbers = [linked(c, base)[:2] for c in re.findall(r"\[[^\]]+\]\([^ )]+ \"[^\"]*\"\)", text)]
+    for label in ("clean test ELBO", "certified bound (IBP) at eps_train 0.1, test set",
+                  "certified bound (IBP) at eps_attack 0.1, certify's images",
+                  "certified bound (linear relaxation (CROWN)) at eps_attack 0.1, certify's images",
+                  next(label for label in rows if label.startswith("median certified radius (IBP)"))):
+        twin_file, twin, ours_file, ours, fmt = rows[label]
+        at = numbers.index((fmt.format(ours), ours_file.resolve()))  # ours first, then the twin's
+        assert numbers[at + 1] == (fmt.format(twin), twin_file.resolve()), label
+    twin_seconds = json.loads((found.path("eval", *TWIN) / "details.json").read_text())["training"]["seconds"]
+    assert "times as long, both on" in text and f"({700.0 / twin_seconds:.1f} times as long" in text
+    assert "The claim is **partly supported**" in text  # BOUND_CHANGES: tighter bounds, a cost in clean ELBO
+    assert "Over the listed models the claim is partly supported for mnist-0.1-0" in page
+    assert "no model is trained on it yet" not in page and "the claim\nis untested" not in page
+    on_other = rendered_reproduction(inputs, tmp_path, bound_params(), make_bound_inputs(found, folder, {"device": "cpu"}),
+                                     "other")
+    assert "not comparable)" in bullet(on_other, "MNIST proVAE eps_train=0.1") and "times as long" not in on_other
+
+
+def test_reproduction_says_when_no_model_was_trained_on_the_bound(inputs, tmp_path):
+    empty = " ".join(rendered_reproduction(inputs, tmp_path, bound_params(models=[]), None, "empty").split())
+    assert "No model is trained on it yet" in empty and "no model is trained on it yet, so the hypothesis above is " \
+        "untested." in empty and "Over the listed models" not in empty

@@ -177,10 +177,46 @@ def model_verdict(model: GridModel, label: str, bound: str, twin: ModelFiles, ou
     return word, text
 
 
+@dataclass(frozen=True)
+class Pair:
+    """A model of `bound_training.models`: its IBP-trained twin's files and ours."""
+
+    model: GridModel
+    label: str
+    twin: ModelFiles
+    ours: ModelFiles
+
+
+def read_pairs(results: Results, patterns: BoundPatterns | None, models: list[GridModel], bound: str) -> list[Pair]:
+    """Each listed model's files beside its twin's; a missing one names the stage that writes it."""
+    pairs = []
+    for model in models:
+        twin = read_model(model.name, lambda kind, m=model: results.patterns.path(kind, m.dataset, m.eps, m.seed),
+                          results.methods, results.headline, {"train": f"train@{model.id}",
+                                                              "evaluate": f"evaluate@{model.id}",
+                                                              "certify": f"certify@{model.id}"})
+        ours = read_model(variant_name(model, bound),
+                          lambda kind, m=model: patterns.path(kind, bound, m.dataset, m.eps, m.seed), results.methods,
+                          results.headline, {"train": f"train_bound@{model.id}", "evaluate": f"evaluate_bound@{model.id}",
+                                             "certify": f"certify_bound@{model.id}"})
+        pairs.append(Pair(model, results.labels[model.dataset], twin, ours))
+    return pairs
+
+
+def bound_name(results: Results) -> str:
+    return (results.params.get("bound_training") or {}).get("bound", "another bound")
+
+
+def summary_of(models: list[GridModel], words: list[str]) -> str:
+    """'supported for a; partly supported for b and c': the verdict words over the listed models."""
+    found = {w: [m.id for m, v in zip(models, words) if v == w] for w in CLAIM.values()}
+    return "; ".join(f"{w} for {listing(ids)}" for w, ids in found.items() if ids)
+
+
 def bound_training_markdown(results: Results, patterns: BoundPatterns | None, models: list[GridModel], page: Path) -> str:
     """The page: per model a table beside its IBP-trained twin, then the verdict; with no model listed,
     how to add one."""
-    bound = (results.params.get("bound_training") or {}).get("bound", "another bound")
+    bound = bound_name(results)
     lines = [f"# Training on the ELBO-level bound: {bound} beside IBP", ""]
     if not models:
         example = next((m for m in results.grid if m.eps > 0), results.grid[0])
@@ -199,27 +235,59 @@ def bound_training_markdown(results: Results, patterns: BoundPatterns | None, mo
               f"{bound} minus IBP; for every row but the wall time, higher is better. Each number links to its file; "
               "hover for its row and column.", ""]
     verdicts = []
-    for model in models:
-        label = results.labels[model.dataset]
-        twin = read_model(model.name, lambda kind, m=model: results.patterns.path(kind, m.dataset, m.eps, m.seed),
-                          methods, ball, {"train": f"train@{model.id}", "evaluate": f"evaluate@{model.id}",
-                                          "certify": f"certify@{model.id}"})
-        ours = read_model(variant_name(model, bound),
-                          lambda kind, m=model: patterns.path(kind, bound, m.dataset, m.eps, m.seed), methods, ball,
-                          {"train": f"train_bound@{model.id}", "evaluate": f"evaluate_bound@{model.id}",
-                           "certify": f"certify_bound@{model.id}"})
-        lines += [f"## {label}, {model_name(model.eps)}, seed {model.seed}", "",
+    for pair in read_pairs(results, patterns, models, bound):
+        model, twin, ours = pair.model, pair.twin, pair.ours
+        lines += [f"## {pair.label}, {model_name(model.eps)}, seed {model.seed}", "",
                   f"| quantity | IBP-trained (`{twin.name}`) | {bound}-trained (`{ours.name}`) | difference |",
                   "|---|---|---|---|"]
         lines += [f"| {' | '.join(cell(c) for c in r)} |" for r in rows(twin, ours, model, methods, ball, src)]
         lines += ["", f"Checkpoints: IBP-trained `{twin.md5}` ([{src.link(twin.paths['models'])}]"
                   f"({src.link(twin.paths['models'])})), {bound}-trained `{ours.md5}` ([{src.link(ours.paths['models'])}]"
                   f"({src.link(ours.paths['models'])})) (md5).", ""]
-        verdicts.append(model_verdict(model, label, bound, twin, ours, methods))
-    words = {w: [m for m, (v, _) in zip(models, verdicts) if v == w] for w in CLAIM.values()}
-    summary = "; ".join(f"{w} for {listing(m.id for m in found)}" for w, found in words.items() if found)
+        verdicts.append(model_verdict(model, pair.label, bound, twin, ours, methods))
     lines += ["## Verdict", "",
               " ".join(text for _, text in verdicts) + f" Over the listed models, the claim (a tighter training bound buys "
-              f"certified robustness at less cost in clean ELBO) is {summary}. One seed per model: no spread to judge "
-              "these differences against.", ""]
+              f"certified robustness at less cost in clean ELBO) is {summary_of(models, [w for w, _ in verdicts])}. One "
+              "seed per model: no spread to judge these differences against.", ""]
     return "\n".join(lines)
+
+
+def bound_training_quantities(results: Results, patterns: BoundPatterns | None, models: list[GridModel], src: Sources,
+                              page: Path) -> dict:
+    """What REPRODUCTION.md says of training on the bound: per listed model, each side's clean test
+    ELBO, certified bound at eps_train and at the last eps_attack per certify method, median
+    certified radius at the first tau, training wall time, and the verdict word of
+    bound_training.md; and the words over all listed models."""
+    bound, methods, ball = bound_name(results), results.methods, results.headline
+    last, out = EPS_ATTACK[-1], []
+    for pair in read_pairs(results, patterns, models, bound):
+        model, twin, ours = pair.model, pair.twin, pair.ours
+
+        def both(kind, value, where, fmt):
+            return {"twin": src.q(value(twin), fmt, twin.paths[kind], where),
+                    "ours": src.q(value(ours), fmt, ours.paths[kind], where)}
+
+        tau = twin.taus[0]
+        seconds = [float(m.details["training"]["seconds"]) for m in (twin, ours)]
+        devices = [m.details["training"]["device"] for m in (twin, ours)]
+        word, _ = model_verdict(model, pair.label, bound, twin, ours, methods)
+        out.append({
+            "id": model.id, "label": pair.label, "name": model_name(model.eps), "seed": model.seed,
+            "eps": src.q(model.eps, "{:g}", None, ""), "word": word,
+            "clean": both("metrics", lambda m: m.metrics["elbo_test"], "key elbo_test", "{:.2f}"),
+            "lb": both("metrics", lambda m: m.metrics["lb_test"], "key lb_test", "{:.2f}"),
+            "at_last": [{"method": method_title(method), **both(
+                "bounds", lambda m, method=method: m.bounds.loc[(last, method), "bound"],
+                f"row ball={ball}, eps_attack={last:g}, method={method}, column bound (mean over certify's images)",
+                "{:.2f}")} for method in methods],
+            "radius": [{"method": method_title(method), **both(
+                "radii", lambda m, method=method: m.radii.loc[(tau, method)],
+                f"rows tau={tau}, method={method}: median of column radius", "{:.4f}")} for method in methods],
+            "tau": src.q(tau, "{}", None, ""),
+            "time": {**both("details", lambda m: float(m.details["training"]["seconds"]), "key training.seconds",
+                            "{:.0f}"),
+                     "ratio": src.q(seconds[1] / seconds[0], "{:.1f}", None, "") if devices[0] == devices[1] else None,
+                     "devices": listing(dict.fromkeys(devices))},
+        })
+    return {"bound": bound, "page": src.link(page) if page else "", "last": src.q(last, "{:g}", None, ""),
+            "models": out, "summary": summary_of(models, [m["word"] for m in out])}

@@ -18,7 +18,8 @@ from provae.report.attack_budget import attack_budget_markdown, budget_models, b
 from provae.report.attack_budget_figure import figure_attack_budget
 from provae.report.attack_curves import attack_curve_markdown, claim2_quantities
 from provae.report.attack_strength import attack_strength_markdown, attack_strength_quantities, strength_checks
-from provae.report.bound_training import BoundPatterns, bound_models, bound_training_markdown, variant_name
+from provae.report.bound_training import (BoundPatterns, bound_models, bound_training_markdown, bound_training_quantities,
+                                          variant_name)
 from provae.report.certified_radius import figure_certified_radius
 from provae.report.certify import certify_markdown, certify_quantities
 from provae.report.certify_elbo import ElboRun, certify_elbo_quantities, elbo_markdown, elbo_models, read_elbo_runs
@@ -68,9 +69,11 @@ class Page:
     training_length: str | None = None     # folder per dataset with {dataset}: scripts/sigma0_sweep.py's
 
 
-def reproduction_context(results: Results, outputs: Outputs, page: Page, paper: dict, elbo: list[ElboRun] = ()) -> dict:
+def reproduction_context(results: Results, outputs: Outputs, page: Page, paper: dict, elbo: list[ElboRun] = (),
+                         bound: BoundPatterns | None = None) -> dict:
     """Every named quantity REPRODUCTION.md's template uses, each beside its artifact's module;
-    ``elbo``: the runs of `certify_elbo.models` (`certify_elbo.read_elbo_runs`)."""
+    ``elbo``: the runs of `certify_elbo.models` (`certify_elbo.read_elbo_runs`); ``bound``: where the
+    models of `bound_training.models` keep their outputs."""
     params = results.params
     src = Sources(Path(outputs.reproduction).parent)
     reference = float(params["evaluate"]["example_eps_attack"])
@@ -88,7 +91,7 @@ def reproduction_context(results: Results, outputs: Outputs, page: Page, paper: 
         "ce": certify_elbo_quantities(results, list(elbo), src, reference, page.params),
         "strength": attack_strength_quantities(results, src, strength_models, reference, page.params),
         "budget": budget_quantities(results, src, budget_models(params), page.params),
-        "bound_trained": [m.id for m in bound_models(params)],
+        "bt": bound_training_quantities(results, bound, bound_models(params), src, outputs.bound_training),
         "earlier": EARLIER_GRID, "datasets": results.datasets, "headline": results.headline,
         "other": "clipped" if results.headline == "unclipped" else "unclipped",
         "links": {"table1": src.link(Path(f"{outputs.table}.md")), "curves": src.link(outputs.curve_table),
@@ -207,7 +210,7 @@ def build_report(patterns: Patterns, outputs: Outputs, params: dict, paper: dict
             "# Reproduction\n\nNot rendered: `report.reproduction` is false in this run's params (a profile's "
             "grid, not the paper's). The full grid of `params.yaml` renders it from `REPRODUCTION.md.j2`.\n")
     elif outputs.reproduction is not None:
-        text = render_reproduction(page.template, reproduction_context(results, outputs, page, paper, elbo))
+        text = render_reproduction(page.template, reproduction_context(results, outputs, page, paper, elbo, bound))
         Path(outputs.reproduction).write_text(text)
         entries.insert(0, ("REPRODUCTION.md", "The written analysis: our numbers beside the paper's, claim by claim "
                            "(rendered from REPRODUCTION.md.j2)", results.keys()))
