@@ -237,7 +237,7 @@ def test_reproduction_gives_each_models_numbers_and_verdict(inputs, tmp_path):
     assert "no model is trained on it yet" not in page and "the claim\nis untested" not in page
     on_other = rendered_reproduction(inputs, tmp_path, bound_params(), make_bound_inputs(found, folder, {"device": "cpu"}),
                                      "other")
-    assert "not comparable)" in bullet(on_other, "MNIST proVAE eps_train=0.1") and "times as long" not in on_other
+    assert "cpu: not comparable; `make benchmark`" in bullet(on_other, "MNIST proVAE eps_train=0.1") and "times as long" not in on_other
 
 
 def test_reproduction_says_when_no_model_was_trained_on_the_bound(inputs, tmp_path):
