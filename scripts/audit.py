@@ -95,7 +95,7 @@ class Audited:
     @property
     def name(self) -> str:
         """The per-model output name: `mnist-eps0.01-seed0`, `mnist-elbo_crown-eps0.01-seed0` (the
-        report's `provae.report.bound_training.variant_name`, not imported: provae.report loads
+        report's `provae.report.bound_training_files.variant_name`, not imported: provae.report loads
         matplotlib and torchvision, and torchvision's import of cProfile finds scripts/profile.py)."""
         m = self.model
         return m.name if self.bound is None else f"{m.dataset}-{self.bound}-eps{m.eps!r}-seed{m.seed}"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from common import load_params
 
-from provae.report.bound_training import BoundPatterns
+from provae.report.bound_training_files import BoundPatterns
 from provae.report.build import Outputs, Page, ReportError, build_report
 from provae.report.results import Patterns
 

@@ -22,7 +22,7 @@ import pandas as pd
 import yaml
 
 from provae.grid import product
-from provae.report.bound_training import BoundPatterns
+from provae.report.bound_training_files import BoundPatterns
 from provae.report.build import Outputs
 from provae.report.results import Patterns
 

@@ -529,7 +529,7 @@ def test_the_listed_models_are_named_and_staged_as_dvc_yaml_names_them(tmp_path)
     assert (bound.name, bound.bound, [bound.stage(k) for k in ("train", "evaluate", "certify")]) == (
         VARIANT, BOUND, ["train_bound@mnist-0.05-0", "evaluate_bound@mnist-0.05-0", "certify_bound@mnist-0.05-0"])
     assert [m.id for m in project.elbo_models] == ["mnist-0.05-0"]
-    from provae.report.bound_training import bound_models, variant_name  # the report's names and models
+    from provae.report.bound_training_files import bound_models, variant_name  # the report's names and models
 
     assert bound.name == variant_name(bound.model, BOUND) and [bound.model] == bound_models(project.params)
     assert audit.Audited(audit.GridModel("cifar10", 0.1, 2), "b").name == "cifar10-b-eps0.1-seed2"

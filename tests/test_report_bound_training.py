@@ -16,7 +16,8 @@ from report_fixture import (BOUND, TWIN, bound_params, bound_patterns, make_boun
                             params)
 
 from provae.grid import GridModel
-from provae.report.bound_training import EPS_ATTACK, BoundPatterns, bound_models, bound_training_markdown
+from provae.report.bound_training import bound_training_markdown
+from provae.report.bound_training_files import EPS_ATTACK, BoundPatterns, bound_models
 from provae.report.build import ReportError, build_report
 from provae.report.results import Results
 

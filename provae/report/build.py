@@ -18,8 +18,8 @@ from provae.report.attack_budget import attack_budget_markdown, budget_models, b
 from provae.report.attack_budget_figure import figure_attack_budget
 from provae.report.attack_curves import attack_curve_markdown, claim2_quantities
 from provae.report.attack_strength import attack_strength_markdown, attack_strength_quantities, strength_checks
-from provae.report.bound_training import (BoundPatterns, bound_models, bound_training_markdown, bound_training_quantities,
-                                          variant_name)
+from provae.report.bound_training import bound_training_markdown, bound_training_quantities
+from provae.report.bound_training_files import BoundPatterns, bound_models, variant_name
 from provae.report.certified_radius import figure_certified_radius
 from provae.report.certify import certify_markdown, certify_quantities
 from provae.report.certify_elbo import ElboRun, certify_elbo_quantities, elbo_markdown, elbo_models, read_elbo_runs
