@@ -233,6 +233,7 @@ def test_reproduction_gives_each_models_numbers_and_verdict(inputs, tmp_path):
         assert numbers[at + 1] == (fmt.format(twin), twin_file.resolve()), label
     twin_seconds = json.loads((found.path("eval", *TWIN) / "details.json").read_text())["training"]["seconds"]
     assert "times as long, both on" in text and f"({700.0 / twin_seconds:.1f} times as long" in text
+    assert "ELBO drop at most 5 nats)" in text and "nats nats" not in page  # the tau as radii.csv names it
     assert "The claim is **partly supported**" in text  # BOUND_CHANGES: tighter bounds, a cost in clean ELBO
     assert "Over the listed models the claim is partly supported for mnist-0.1-0" in page
     assert "no model is trained on it yet" not in page and "the claim\nis untested" not in page
