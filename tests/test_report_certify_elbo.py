@@ -320,6 +320,7 @@ def test_the_paragraph_gives_each_models_numbers(report, inputs, label):
                         f"attacked ELBO [{row.loc['ibp', 'attacked_elbo']:.1f}](",
                         f"closes [{(row.loc['crown', 'bound'] - row.loc['ibp', 'bound']) / gap:.1%}](",
                         f"the ELBO relaxation [{(row.loc['elbo', 'bound'] - row.loc['ibp', 'bound']) / gap:.1%}](",
+                        f"(its bound [{shown(row.loc['ibp', 'attacked_elbo'] - row.loc['elbo', 'bound'], '{:.1f}')}](",
                         f"at [{row.loc['elbo', 'seconds_per_image']:.2g}]("]
             for text in expected:
                 assert text in line, (key, a, text)
