@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from report_fixture import add_certify_method, beaten_check_table, keep_drawn_figures, ladder_table, make_inputs, outputs, paper, params
+from report_fixture import (BEATEN_CHECK, CHALLENGERS, add_certify_method, beaten_check_table, keep_drawn_figures,
+                            ladder_table, make_inputs, outputs, paper, params)
 
 from provae.grid import product
 from provae.report import attack_budget_figure, certified_radius, fig3_attack_curves
@@ -226,3 +227,41 @@ def test_a_listed_method_a_file_lacks_is_an_error(results, tmp_path):
     settings["certify"]["methods"] = ["ibp", "crown", "elbo"]
     with pytest.raises(FileNotFoundError, match=r"bounds.csv has no rows of method \['elbo'\]"):
         certify_markdown(Results(results.patterns, settings))
+
+
+# --- REPRODUCTION's attack-strength paragraph --------------------------------------------------------
+
+def strength_quantities(results: Results, tmp_path) -> dict:
+    from provae.report.attack_strength import attack_strength_quantities
+    models = [(m.dataset, m.eps, m.seed) for m in results.grid if m.id in results.params["attack_strength"]["models"]]
+    return attack_strength_quantities(results, Sources(tmp_path), models, 0.1, tmp_path / "params.yaml")
+
+
+def test_the_paragraph_separates_the_models_where_the_curve_holds(beaten, tmp_path):
+    found = strength_quantities(beaten, tmp_path)
+    assert not found["holds"]
+    assert [b["model"] for b in found["beaten"]] == ["MNIST VAE (seed 0)"]
+    worst = max(-change for (_, _, challenger), (change, _) in BEATEN_CHECK.items() if CHALLENGERS[challenger])
+    assert found["beaten"][0]["fall"].value == pytest.approx(worst)  # the gated challengers' largest fall
+    assert found["beaten"][0]["declared"] == ("mnist-0.0-0" in beaten.params["attack_strength"]["upper_bound_models"])
+    held = [key for key in [(m.dataset, m.eps, m.seed) for m in beaten.grid] if key[1] == 0.1]
+    assert found["held"] == " and ".join(", ".join(f"MNIST proVAE eps_train=0.1 (seed {k[2]})" for k in held).rsplit(", ", 1))
+    tables = [pd.read_csv(beaten.patterns.path("strength", *key)) for key in held]
+    assert found["largest_fall"].value == pytest.approx(max((-t[t["gated"]]["change"]).max() for t in tables))
+    assert found["largest_fall"].value < worst  # the VAE's fall is not reported as the held models'
+
+
+@pytest.mark.parametrize("change", [+50.0, float("nan")])
+def test_a_cheaper_setting_far_above_the_curve_or_nan_is_named(inputs, tmp_path, change):
+    key = ("mnist", 0.1, 0)
+    path = inputs.path("strength", *key)
+    saved = path.read_bytes()
+    table = pd.read_csv(path)
+    table.loc[table.index[~table["gated"]][0], "change"] = change  # one cheaper setting ends far above, or unmeasured
+    table.to_csv(path, index=False)
+    try:
+        found = strength_quantities(Results(inputs, params()), tmp_path)
+    finally:
+        path.write_bytes(saved)
+    assert found["holds"] and not found["cheaper_hold"] and found["cheaper_weaker"] == "MNIST proVAE eps_train=0.1 (seed 0)"
+    assert strength_quantities(Results(inputs, params()), tmp_path)["cheaper_hold"]  # the committed check: they keep up

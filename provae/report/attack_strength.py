@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from provae.grid import model_name, models_of_grid
+from provae.grid import GridModel, model_name, models_of_grid
 from provae.report.results import Results, read_required
 
 
@@ -112,6 +112,9 @@ def attack_strength_quantities(results: Results, src, models, reference_eps: flo
         return [src.q(sign * r.change, fmt, path, f"row ball={r.ball}, eps_attack={r.eps_attack:g}, challenger={challenger}, "
                       f"column change{' (negated)' if sign < 0 else ''}") for r in rows.itertuples()]
 
+    def label(key) -> str:
+        return f"{results.labels[key[0]]} {model_name(key[1])} (seed {key[2]})"
+
     checked = {}
     for dataset, eps, seed in models:
         path = results.patterns.path("strength", dataset, eps, seed)
@@ -119,16 +122,35 @@ def attack_strength_quantities(results: Results, src, models, reference_eps: flo
     strength = results.params["attack_strength"]
     out = {"tolerance_nats": src.q(strength["tolerance_nats"], "{:g}", params_path, "attack_strength.tolerance_nats"),
            "tolerance_relative": src.q(strength["tolerance_relative"], "{:.0%}", params_path, "attack_strength.tolerance_relative"),
-           "checked": listing(f"{results.labels[d]} {model_name(e)} (seed {s})" for d, e, s in checked),
+           "checked": listing(label(key) for key in checked),
            "unchecked": listing(f"{results.labels[d]} {model_name(e)}" for d in results.datasets for e in results.eps_of(d)
                                 if e != 0 and not any(k[:2] == (d, e) for k in checked))}
     if checked:
-        gated = [(t[t["gated"]], p) for t, p in checked.values()]
-        falls = [q for t, p in gated for c in t["challenger"].unique() for q in changes(t, p, c, fmt="{:.2f}", sign=-1)]
-        out["holds"] = not any(t["beats_curve"].any() for t, _ in gated)
-        out["largest_fall"] = max(falls, key=lambda q: q.value)
-        out["cheaper_hold"] = not any(t[~t["gated"]]["beats_curve"].any() for t, _ in checked.values())
-        out["challengers"] = listing(f"`{c}`" for c in gated[0][0]["challenger"].unique())
+        gated = {key: (t[t["gated"]], p) for key, (t, p) in checked.items()}
+
+        def largest_fall(keys):
+            falls = [q for key in keys for c in gated[key][0]["challenger"].unique()
+                     for q in changes(*gated[key], c, fmt="{:.2f}", sign=-1)]
+            return max(falls, key=lambda q: q.value) if falls else None
+
+        beaten = [key for key, (t, _) in gated.items() if t["beats_curve"].any()]
+        held = [key for key in checked if key not in beaten]
+        upper = set(strength.get("upper_bound_models") or [])  # model ids
+        out["holds"] = not beaten
+        out["held"] = listing(label(key) for key in held)
+        out["largest_fall"] = largest_fall(held)  # over the models where the curve holds
+        out["beaten"] = [{"model": label(key), "fall": largest_fall([key]), "declared": GridModel(*key).id in upper}
+                         for key in beaten]
+        # A cheaper setting keeps up when it ends no more than the tolerance above the curve (NaN does not);
+        # judged where the curve holds, since elsewhere the curve itself is short of converged.
+        def keeps_up(table) -> bool:
+            cheaper = table[~table["gated"]]
+            return bool((cheaper["change"] <= cheaper["tolerance"]).all())
+
+        weaker = [key for key in held if not keeps_up(checked[key][0])]
+        out["cheaper_hold"] = not weaker
+        out["cheaper_weaker"] = listing(label(key) for key in weaker)
+        out["challengers"] = listing(f"`{c}`" for c in next(iter(gated.values()))[0]["challenger"].unique())
         out["cheaper"] = listing(f"`{c}`" for c in next(iter(checked.values()))[0].query("not gated")["challenger"].unique())
         pgd = [q for t, p in checked.values() for q in changes(t, p, "fixed_step_pgd", reference_eps, fmt="{:.2f}")]
         out["pgd_above"] = src.span([q for q in pgd if q.value > 0] or pgd, "{:.2f}")
