@@ -159,8 +159,8 @@ def bound_training_quantities(results: Results, patterns: BoundPatterns | None, 
                     "ours": src.q(value(ours), fmt, ours.paths[kind], where)}
 
         tau = twin.taus[0]
-        seconds = [float(m.details["training"]["seconds"]) for m in (twin, ours)]
         devices = [m.details["training"]["device"] for m in (twin, ours)]
+        time = both("details", lambda m: float(m.details["training"]["seconds"]), "key training.seconds", "{:.0f}")
         word, _ = model_verdict(model, pair.label, bound, twin, ours, methods)
         out.append({
             "id": model.id, "label": pair.label, "name": model_name(model.eps), "seed": model.seed,
@@ -175,9 +175,9 @@ def bound_training_quantities(results: Results, patterns: BoundPatterns | None, 
                 "radii", lambda m, method=method: m.radii.loc[(tau, method)],
                 f"rows tau={tau}, method={method}: median of column radius", "{:.4f}")} for method in methods],
             "tau": src.q(tau, "{}", None, ""),
-            "time": {**both("details", lambda m: float(m.details["training"]["seconds"]), "key training.seconds",
-                            "{:.0f}"),
-                     "ratio": src.q(seconds[1] / seconds[0], "{:.1f}", None, "") if devices[0] == devices[1] else None,
+            "time": {**time,
+                     "ratio": (src.q(time["ours"].value / time["twin"].value, "{:.1f}", None, "")
+                               if devices[0] == devices[1] else None),
                      "devices": listing(dict.fromkeys(devices))},
         })
     return {"bound": bound, "page": src.link(page) if page else "", "last": src.q(last, "{:g}", None, ""),
