@@ -7,10 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from matplotlib.colors import to_hex
+from matplotlib.lines import Line2D
 from report_fixture import make_inputs, params
 
-from provae.report import (attack_budget_figure, certified_radius, fig1_adversarial, fig2_reconstructions,
-                           fig3_attack_curves, fig4_samples, plotting, training_curves)
+from provae.grid import product
+from provae.report import (attack_budget_figure, attack_curves, certified_radius, fig1_adversarial,
+                           fig2_reconstructions, fig3_attack_curves, fig4_samples, plotting, training_curves)
 from provae.report.attack_strength import strength_checks
 from provae.report.results import Results
 
@@ -116,3 +118,40 @@ def test_certified_radius_axes_end_where_their_curves_do(results, drawn, tmp_pat
         largest = table[table["tau"] == tau]["radius"].max()
         assert ax.get_xlim() == (0.0, pytest.approx(certified_radius.panel_limit(table[table["tau"] == tau]["radius"])))
         assert ax.get_xlim()[1] <= 1.08 * max(largest, 2 / 255) + 1e-12
+
+
+def test_the_key_is_never_wider_than_its_figure():
+    """Five models and five long line styles (Figure 3 with every certify method and an upper bound)
+    on a narrow figure: the key wraps into shorter rows instead of running off the canvas."""
+    fig, axes = plotting.new_figure(1, 2, (8, 3))
+    models = [Line2D([], [], label=f"proVAE eps_train={eps}") for eps in (0.01, 0.02, 0.05, 0.1, 0.2)]
+    styles = plotting.style_handles(["attacked", "upper_bound", "ibp", "crown", "elbo"])
+    plotting.shared_legend(fig, models, styles)
+    fig.canvas.draw()
+    assert len(fig.legends) == 1
+    key = fig.legends[0].get_window_extent()
+    assert 0 <= key.x0 and key.x1 <= fig.bbox.width
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert all(h.get_label() in labels for h in models + styles)
+    # a key that fits keeps the colours in one row (as many columns as models, plus the row label)
+    plotting.plt.close(fig)
+    fig, _ = plotting.new_figure(1, 2, (12, 3))
+    plotting.shared_legend(fig, models[:2], styles[:2])
+    assert fig.legends[0]._ncols == 3
+    plotting.plt.close(fig)
+
+
+def test_figure_3_and_the_curve_table_say_how_many_seeds_each_model_has(tmp_path, drawn):
+    ragged = params()
+    ragged["grid"] = {k: v for k, v in ragged["grid"].items() if not (v["eps"] == 0.1 and v["seed"] == 1)}
+    ragged["attack_strength"]["models"] = product(["mnist"], [0.1], [0])
+    uneven = Results(make_inputs(tmp_path / "inputs"), ragged)
+    assert fig3_attack_curves.seed_counts(uneven, "mnist") == "seeds per model (eps_train 0 / 0.1): 2 / 1"
+    fig3_attack_curves.figure_attack_curves(uneven, "unclipped", tmp_path / "fig3.png", strength_checks(uneven))
+    assert drawn[0].axes[0].get_title().endswith("seeds per model (eps_train 0 / 0.1): 2 / 1")
+    plotting.plt.close(drawn[0])
+    rows = attack_curves.attack_curve_markdown(uneven, strength_checks(uneven)).split("## MNIST, ball clipped")[0]
+    assert next(r for r in rows.splitlines() if r.startswith("| VAE ")).split("|")[2].strip() == "0, 1"
+    assert next(r for r in rows.splitlines() if r.startswith("| proVAE eps_train=0.1 ")).split("|")[2].strip() == "0"
+    even = Results(make_inputs(tmp_path / "even"), params())
+    assert fig3_attack_curves.seed_counts(even, "mnist") == "2 seeds per model"

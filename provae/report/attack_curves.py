@@ -33,7 +33,8 @@ def check_note(results: Results, checks: dict, dataset: str) -> str:
 def attack_curve_markdown(results: Results, checks: dict) -> str:
     """Attacked ELBO per eps_attack, mean ± std over seeds, and each robust model's difference to the VAE."""
     lines = ["# ELBO under attack (Figure 3 in numbers)", "",
-             "Mean attacked ELBO (nats) on each model's attacked test subset, mean ± std over seeds. 'vs VAE': the "
+             "Mean attacked ELBO (nats) on each model's attacked test subset, mean ± std over the seeds listed "
+             "(a model without '±' has one). 'vs VAE': the "
              "robust model's mean minus the VAE's; with two seeds or more, '*' marks a difference beyond the spread "
              "(the seed ranges do not overlap) and '≈' one within it. 'upper bound: 4x steps lowers it by X nats': "
              "the attack-strength check found a stronger attack there (X: the largest fall beyond the tolerance over "
@@ -45,7 +46,8 @@ def attack_curve_markdown(results: Results, checks: dict) -> str:
             rows = []
             for eps in results.eps_of(dataset):
                 marks = upper_bounds(checks, results.keys(dataset, eps))
-                row, compare = {"model": model_name(eps)}, {"model": f"{model_name(eps)} vs VAE"}
+                seeds = ", ".join(str(k[2]) for k in results.keys(dataset, eps))
+                row, compare = {"model": model_name(eps), "seeds": seeds}, {"model": f"{model_name(eps)} vs VAE", "seeds": ""}
                 for a in eps_attack:
                     stats = results.over_seeds(dataset, eps, lambda k, a=a: results.curves[k].loc[a, f"elbo_attacked_{ball}"])
                     vae = results.over_seeds(dataset, 0.0, lambda k, a=a: results.curves[k].loc[a, f"elbo_attacked_{ball}"])

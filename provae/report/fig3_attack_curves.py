@@ -32,6 +32,16 @@ def certified_bounds(results: Results, dataset: str, eps: float, ball: str) -> p
     return bounds
 
 
+def seed_counts(results: Results, dataset: str) -> str:
+    """How many seeds each model's line averages: the grid may hold more for some models than others."""
+    counts = {eps: len(results.keys(dataset, eps)) for eps in results.eps_of(dataset)}
+    if len(set(counts.values())) == 1:
+        n = next(iter(counts.values()))
+        return f"{n} seed{'s' * (n > 1)} per model"
+    return (f"seeds per model (eps_train {' / '.join(f'{eps:g}' for eps in counts)}): "
+            f"{' / '.join(str(n) for n in counts.values())}")
+
+
 def draw_attacks(ax, results: Results, dataset: str, ball: str, checks: dict) -> int:
     """Each model's attacked ELBO (mean over seeds, band min to max); a hollow marker where the
     attack-strength check beat the curve. Returns how many points are so marked."""
@@ -92,7 +102,7 @@ def figure_attack_curves(results: Results, ball: str, path, checks: dict, elbo: 
     for column, dataset in enumerate(results.datasets):
         top, bottom = axes[0, column], axes[1, column]
         marked += draw_attacks(top, results, dataset, ball, checks)
-        top.set_title(f"{results.labels[dataset]}: ELBO under attack", fontsize=10)
+        top.set_title(f"{results.labels[dataset]}: ELBO under attack\n{seed_counts(results, dataset)}", fontsize=9)
         lines = elbo_bound_lines(list(elbo), dataset, ball)
         elbo_drawn |= bool(lines)
         cut = draw_bounds(bottom, results, dataset, ball, lines)
@@ -102,9 +112,8 @@ def figure_attack_curves(results: Results, ball: str, path, checks: dict, elbo: 
             ax.set_xlabel("eps_attack (l_inf radius)")
             ax.set_ylabel("nats per image")
             ax.grid(alpha=0.3, linewidth=0.5)
-    seeds = len(results.seeds)
-    fig.suptitle(f"Figure 3 - {BALL_TITLES[ball]}: ELBO under the strongest attack (top; band: min to max over "
-                 f"{seeds} seed{'s' * (seeds > 1)}) and its certified lower bound (bottom)", fontsize=10)
+    fig.suptitle(f"Figure 3 - {BALL_TITLES[ball]}: ELBO under the strongest attack (top; line: mean over seeds, "
+                 f"band: min to max) and its certified lower bound (bottom)", fontsize=10)
     styles = ["attacked", *(["upper_bound"] if marked else []), *method_styles(results.methods).values(),
               *([elbo_style(list(elbo))] if elbo_drawn else [])]
     shared_legend(fig, model_handles(results, results.eps_grid), style_handles(styles))

@@ -82,20 +82,32 @@ def style_handles(kinds) -> list:
 
 
 def shared_legend(fig, models: list, styles: list = (), colour_label: str = "colour: model") -> None:
-    """One key for the whole figure, below the axes: a row of the colours (the models', or what
-    ``colour_label`` names), then the line styles, in rows no longer than the colours' (at least
-    three), so a figure with many styles stays as wide as its panels (matplotlib fills a legend
-    column by column, hence the interleaving)."""
-    per_row = max(len(models), 3)
-    style_rows = [list(styles[i:i + per_row]) for i in range(0, len(styles), per_row)]
-    columns = 1 + max([len(models), *map(len, style_rows)])
+    """One key for the whole figure, below the axes: rows of the colours (the models', or what
+    ``colour_label`` names), then rows of the line styles, each row at most as long as the colours'
+    (at least three). Where that key would be wider than the figure (matplotlib lets an outside key
+    run off the canvas), the rows are shortened until it fits, down to two entries."""
+    for per_row in range(max(len(models), 3), 1, -1):
+        legend = legend_in_rows(fig, models, styles, colour_label, per_row)
+        if legend.get_window_extent(fig.canvas.get_renderer()).width <= fig.bbox.width or per_row == 2:
+            return
+        legend.remove()
+
+
+def legend_in_rows(fig, models: list, styles: list, colour_label: str, per_row: int):
+    """The key with ``per_row`` entries a row, each row led by what its entries are (matplotlib fills
+    a legend column by column, hence the interleaving)."""
+    def rows_of(entries, label):
+        chunks = [list(entries[i:i + per_row]) for i in range(0, len(entries), per_row)]
+        return [[Line2D([], [], linestyle="none", label=label if i == 0 else " "), *chunk]
+                for i, chunk in enumerate(chunks)]
+
+    rows = rows_of(models, colour_label) + rows_of(styles, "style: line")
+    columns = max(map(len, rows))
     blank = Line2D([], [], linestyle="none", label=" ")
-    rows = [[Line2D([], [], linestyle="none", label=colour_label), *models]]
-    rows += [[Line2D([], [], linestyle="none", label="style: line" if i == 0 else " "), *row] for i, row in enumerate(style_rows)]
     rows = [row + [blank] * (columns - len(row)) for row in rows]
     handles = [row[c] for c in range(columns) for row in rows]
-    fig.legend(handles=handles, loc="outside lower center", ncol=columns, fontsize=LEGEND_SIZE, frameon=False,
-               handlelength=3.0, handletextpad=0.5, columnspacing=1.6)
+    return fig.legend(handles=handles, loc="outside lower center", ncol=columns, fontsize=LEGEND_SIZE, frameon=False,
+                      handlelength=3.0, handletextpad=0.5, columnspacing=1.6)
 
 
 def new_figure(nrows: int, ncols: int, figsize, **kwargs):
