@@ -57,6 +57,9 @@ def test_keys_sit_outside_every_axes_and_once_per_figure(results, drawn, tmp_pat
         key = fig.legends[0].get_window_extent()
         for ax in fig.axes:
             assert not overlaps(key, ax.get_window_extent()), fig.get_suptitle()
+        for text in (fig.legends[0], fig._suptitle):  # nothing runs off the canvas
+            extent = text.get_window_extent()
+            assert 0 <= extent.x0 and extent.x1 <= fig.bbox.width, fig.get_suptitle()
         labels = [t.get_text() for t in fig.legends[0].get_texts()]
         assert labels.count("VAE") == 1 and labels.count("proVAE eps_train=0.1") == 1
 

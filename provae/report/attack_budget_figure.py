@@ -82,7 +82,7 @@ def figure_attack_budget(results: Results, models, path) -> list:
     strength = results.params["attack_strength"]
     fig.suptitle("Attack budget: the curve's attacked ELBO at each APGD budget minus the ladder's largest (positive: the "
                  "smaller budget stops above it)\nThe attack-strength gate: 4x the steps may lower it by at most "
-                 f"max({strength['tolerance_nats']:g} nats, {100 * strength['tolerance_relative']:g} %)", fontsize=10)
+                 f"max({strength['tolerance_nats']:g} nats, {100 * strength['tolerance_relative']:g} %)", fontsize=10, wrap=True)
     handles = [Line2D([], [], color=colours[a], linewidth=1.6, label=f"eps_attack {a:g}") for a in colours]
     styles = [WITHIN, BEYOND, {"linestyle": CURVE_BUDGET["linestyle"], "label": f"the curve's budget ({curve_steps} steps)"}]
     if len(starts_values) > 1:

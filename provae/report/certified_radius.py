@@ -63,7 +63,7 @@ def figure_certified_radius(results: Results, path, elbo: list[ElboRun] = ()) ->
             ax.set_ylabel("fraction of test images certified")
             ax.grid(alpha=0.3, linewidth=0.5)
     fig.suptitle(f"Certified radius, {BALL_TITLES[results.headline]}: the share of test images whose whole ball keeps "
-                 "the certified ELBO within tau of the clean one\n(grey line: 1/255, one grey level)", fontsize=10)
+                 "the certified ELBO within tau of the clean one\n(grey line: 1/255, one grey level)", fontsize=10, wrap=True)
     drawn = [elbo_style(list(elbo))] if any(extra.values()) else []
     shared_legend(fig, model_handles(results, results.eps_grid), style_handles([*styles.values(), *drawn]))
     return save_figure(fig, path, results, results.keys(), "Certified-radius curves")

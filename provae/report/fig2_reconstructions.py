@@ -25,6 +25,6 @@ def figure_reconstructions(results: Results, dataset, example_eps, seed, eps_att
             for j, value in enumerate(elbos):
                 ax.text((j + 0.5) * tile, ax.get_ylim()[0] + 2, f"{value:.1f}", ha="center", va="top", fontsize=7)
     fig.suptitle(f"Figure 2 - {results.labels[dataset]}, seed {seed}, eps_attack={eps_attack:g} "
-                 "(ELBO in nats under each image)", fontsize=10)
+                 "(ELBO in nats under each image)", fontsize=10, wrap=True)
     keys = [(dataset, eps, seed) for eps in example_eps]
     return save_figure(fig, path, results, keys, f"Figure 2: clean vs attacked reconstructions, {results.labels[dataset]}")

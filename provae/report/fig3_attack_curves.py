@@ -113,7 +113,7 @@ def figure_attack_curves(results: Results, ball: str, path, checks: dict, elbo: 
             ax.set_ylabel("nats per image")
             ax.grid(alpha=0.3, linewidth=0.5)
     fig.suptitle(f"Figure 3 - {BALL_TITLES[ball]}: ELBO under the strongest attack (top; line: mean over seeds, "
-                 f"band: min to max) and its certified lower bound (bottom)", fontsize=10)
+                 f"band: min to max) and its certified lower bound (bottom)", fontsize=10, wrap=True)
     styles = ["attacked", *(["upper_bound"] if marked else []), *method_styles(results.methods).values(),
               *([elbo_style(list(elbo))] if elbo_drawn else [])]
     shared_legend(fig, model_handles(results, results.eps_grid), style_handles(styles))
