@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from report_fixture import ROOT, make_inputs, outputs, paper, params
 
+from provae.grid import product
 from provae.report.build import Page, build_report
 from provae.report.reproduction import (EARLIER_GRID, Sources, claim_verdict, compare, crossing, degree,
                                         hand_typed_numbers, render_reproduction)
@@ -134,3 +135,22 @@ def test_the_earlier_grid_is_a_commit_of_mains_history(page):
     assert ancestry.returncode == 0
     assert f"git show {EARLIER_GRID['commit']}:reports/REPRODUCTION.md" in page["text"]
     assert "mnist-seeds" not in page["text"] and "sigma0-1-clipped" not in page["text"]
+
+
+def test_open_names_what_is_still_missing(page, tmp_path):
+    """'Open' is computed: the models with one seed, the models whose attack does not converge within
+    the ladder's cap, the models without a strength check; an item with nothing in it is left out."""
+    still = page["text"].split("## Open")[1]
+    assert "**Seeds**" not in still  # every model of the fixture has two seeds
+    assert "- **The attack where it does not converge**: MNIST VAE: the" in still  # the ladder's clipped ball
+    assert "attack-strength check** of" not in still
+    ragged = params()
+    ragged["grid"] = {k: v for k, v in ragged["grid"].items() if not (v["eps"] == 0.1 and v["seed"] == 1)}
+    ragged["attack_strength"]["models"] = product(["mnist"], [0.1], [0])
+    out = outputs(tmp_path)
+    out = type(out)(**{**out.__dict__, "reproduction": tmp_path / "REPRODUCTION.md"})
+    build_report(page["patterns"], out, ragged, paper(), page["page"])
+    text = out.reproduction.read_text()
+    assert "differences have no spread to be judged against: MNIST: proVAE eps_train=0.1." in text.split("## Open")[1]
+    assert "one seed (MNIST: proVAE eps_train=0.1), its differences" in text
+    assert "one seed (MNIST: none), its differences" in page["text"]

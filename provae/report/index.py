@@ -10,6 +10,7 @@ from pathlib import Path
 
 import matplotlib
 
+from provae.grid import model_name
 from provae.report.results import BALL_TITLES, Results, model_id
 
 SOFTWARE = f"matplotlib {matplotlib.__version__} via stages/report.py"
@@ -24,6 +25,16 @@ def png_provenance(results: Results, keys: list, what: str, path: Path) -> dict:
         "Commit": f"the git commit that added this file: git log -1 --format=%H -- {path.as_posix()}",
     }
 
+
+
+def single_seed(results: Results, dataset: str) -> str:
+    """The dataset's models with one seed, whose differences have no spread to be judged against:
+    '' when there are none, 'every model' when no model has more."""
+    from provae.report.reproduction import listing
+    single = [model_name(e) for e in results.eps_of(dataset) if len(results.keys(dataset, e)) == 1]
+    if len(single) == len(results.eps_of(dataset)):
+        return "every model"
+    return listing(single) if single else ""
 
 def describe_models(keys, results: Results) -> str:
     """'all' for every model of the grid; else each model's id. A key may be a name already (a
@@ -116,7 +127,7 @@ def run_quantities(results: Results, src, params_path, data_pattern: str, refere
         "other_ball": BALL_TITLES["clipped" if results.headline == "unclipped" else "unclipped"],
         "datasets": [{"label": results.labels[d], "eps": listing(src.q(e, "{:g}", params_path, "grid") for e in results.eps_of(d)),
                       "seeds": listing(src.q(s, "{:d}", params_path, "grid") for s in sorted({k[2] for k in results.keys(d)})),
-                      "data": data[d]} for d in results.datasets],
+                      "single": single_seed(results, d), "data": data[d]} for d in results.datasets],
         "models": src.q(len(results.keys()), "{:d}", params_path, "grid: entries"),
         "epochs": p("train.epochs"), "warmup": p("train.warmup_epochs"), "ramp": p("train.ramp_epochs"),
         "at_eps": src.q(params["train"]["epochs"] - params["train"]["warmup_epochs"] - params["train"]["ramp_epochs"], "{:d}",
