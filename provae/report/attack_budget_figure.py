@@ -14,7 +14,8 @@ from matplotlib.ticker import NullLocator
 
 from provae.grid import model_name
 from provae.report.attack_budget import read_ladder, verdict
-from provae.report.plotting import LINE_STYLES, OKABE_ITO, new_figure, save_figure, shared_legend, style_handles
+from provae.report.plotting import (LINE_STYLES, OKABE_ITO, figure_title, new_figure, save_figure, shared_legend,
+                                    style_handles)
 from provae.report.results import Results, balls_in_order
 
 # eps_attack is not a model: its colours skip the VAE's black (and the faint yellow).
@@ -80,9 +81,9 @@ def figure_attack_budget(results: Results, models, path) -> list:
             ax.set_ylabel("ELBO minus the largest budget's (nats)")
             ax.grid(alpha=0.3, linewidth=0.5)
     strength = results.params["attack_strength"]
-    fig.suptitle("Attack budget: the curve's attacked ELBO at each APGD budget minus the ladder's largest (positive: the "
-                 "smaller budget stops above it)\nThe attack-strength gate: 4x the steps may lower it by at most "
-                 f"max({strength['tolerance_nats']:g} nats, {100 * strength['tolerance_relative']:g} %)", fontsize=10, wrap=True)
+    figure_title(fig, "Attack budget: the curve's attacked ELBO at each APGD budget minus the ladder's largest (positive: the "
+                      "smaller budget stops above it)\nThe attack-strength gate: 4x the steps may lower it by at most "
+                      f"max({strength['tolerance_nats']:g} nats, {100 * strength['tolerance_relative']:g} %)")
     handles = [Line2D([], [], color=colours[a], linewidth=1.6, label=f"eps_attack {a:g}") for a in colours]
     styles = [WITHIN, BEYOND, {"linestyle": CURVE_BUDGET["linestyle"], "label": f"the curve's budget ({curve_steps} steps)"}]
     if len(starts_values) > 1:

@@ -13,8 +13,8 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from provae.report.certify_elbo import ElboRun, elbo_radii, elbo_style
-from provae.report.plotting import (line_width, method_styles, model_handles, new_figure, palette, save_figure,
-                                    shared_legend, style_handles)
+from provae.report.plotting import (figure_title, line_width, method_styles, model_handles, new_figure, palette,
+                                    save_figure, shared_legend, style_handles)
 from provae.report.results import BALL_TITLES, Results
 
 GREY_LEVEL = 1 / 255
@@ -62,8 +62,8 @@ def figure_certified_radius(results: Results, path, elbo: list[ElboRun] = ()) ->
             ax.set_xlabel("eps (l_inf radius)")
             ax.set_ylabel("fraction of test images certified")
             ax.grid(alpha=0.3, linewidth=0.5)
-    fig.suptitle(f"Certified radius, {BALL_TITLES[results.headline]}: the share of test images whose whole ball keeps "
-                 "the certified ELBO within tau of the clean one\n(grey line: 1/255, one grey level)", fontsize=10, wrap=True)
+    figure_title(fig, f"Certified radius, {BALL_TITLES[results.headline]}: the share of test images whose whole ball keeps "
+                      "the certified ELBO within tau of the clean one\n(grey line: 1/255, one grey level)")
     drawn = [elbo_style(list(elbo))] if any(extra.values()) else []
     shared_legend(fig, model_handles(results, results.eps_grid), style_handles([*styles.values(), *drawn]))
     return save_figure(fig, path, results, results.keys(), "Certified-radius curves")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 
 from provae.grid import model_name
-from provae.report.plotting import palette, save_figure, show_images
+from provae.report.plotting import figure_title, palette, save_figure, show_images
 from provae.report.results import BALL_TITLES, Results
 
 
@@ -22,6 +22,6 @@ def figure_adversarial_examples(results: Results, dataset, example_eps, seed, ep
     fig, axes = plt.subplots(len(rows), 1, figsize=(8, 1.3 * len(rows)), squeeze=False)
     for ax, (title, images, colour) in zip(axes[:, 0], rows):
         show_images(ax, images, len(images), title, colour)
-    fig.suptitle(f"Figure 1 - {results.labels[dataset]}, seed {seed}, {BALL_TITLES[results.headline]}", fontsize=10, wrap=True)
+    figure_title(fig, f"Figure 1 - {results.labels[dataset]}, seed {seed}, {BALL_TITLES[results.headline]}")
     keys = [(dataset, eps, seed) for eps in example_eps]
     return save_figure(fig, path, results, keys, f"Figure 1: adversarial examples, {results.labels[dataset]}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 
 from provae.grid import model_name
-from provae.report.plotting import palette, save_figure, show_images
+from provae.report.plotting import figure_title, palette, save_figure, show_images
 from provae.report.results import Results
 
 
@@ -24,7 +24,7 @@ def figure_reconstructions(results: Results, dataset, example_eps, seed, eps_att
             tile = ax.get_xlim()[1] / len(elbos)
             for j, value in enumerate(elbos):
                 ax.text((j + 0.5) * tile, ax.get_ylim()[0] + 2, f"{value:.1f}", ha="center", va="top", fontsize=7)
-    fig.suptitle(f"Figure 2 - {results.labels[dataset]}, seed {seed}, eps_attack={eps_attack:g} "
-                 "(ELBO in nats under each image)", fontsize=10, wrap=True)
+    figure_title(fig, f"Figure 2 - {results.labels[dataset]}, seed {seed}, eps_attack={eps_attack:g} "
+                      "(ELBO in nats under each image)")
     keys = [(dataset, eps, seed) for eps in example_eps]
     return save_figure(fig, path, results, keys, f"Figure 2: clean vs attacked reconstructions, {results.labels[dataset]}")

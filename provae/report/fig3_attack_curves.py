@@ -15,8 +15,8 @@ import pandas as pd
 
 from provae.report.attack_strength import point, upper_bounds
 from provae.report.certify_elbo import METHOD, ElboRun, elbo_bound_lines, elbo_style
-from provae.report.plotting import (LINE_STYLES, line_width, method_styles, model_handles, new_figure, palette,
-                                    save_figure, shared_legend, style_handles)
+from provae.report.plotting import (LINE_STYLES, figure_title, line_width, method_styles, model_handles, new_figure,
+                                    palette, save_figure, shared_legend, style_handles)
 from provae.report.results import BALL_TITLES, Results
 
 CUT_BELOW = 0.6  # the bounds' panel shows down to this many spans of the attacked ELBOs below them
@@ -112,8 +112,8 @@ def figure_attack_curves(results: Results, ball: str, path, checks: dict, elbo: 
             ax.set_xlabel("eps_attack (l_inf radius)")
             ax.set_ylabel("nats per image")
             ax.grid(alpha=0.3, linewidth=0.5)
-    fig.suptitle(f"Figure 3 - {BALL_TITLES[ball]}: ELBO under the strongest attack (top; line: mean over seeds, "
-                 f"band: min to max) and its certified lower bound (bottom)", fontsize=10, wrap=True)
+    figure_title(fig, f"Figure 3 - {BALL_TITLES[ball]}: ELBO under the strongest attack (top; line: mean over seeds, "
+                      f"band: min to max) and its certified lower bound (bottom)")
     styles = ["attacked", *(["upper_bound"] if marked else []), *method_styles(results.methods).values(),
               *([elbo_style(list(elbo))] if elbo_drawn else [])]
     shared_legend(fig, model_handles(results, results.eps_grid), style_handles(styles))

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from provae.grid import model_name
-from provae.report.plotting import palette, save_figure, show_images
+from provae.report.plotting import figure_title, palette, save_figure, show_images
 from provae.report.results import Results
 
 
@@ -19,7 +19,7 @@ def figure_samples(results: Results, dataset, seed, path) -> list:
     for ax, eps in zip(axes[0], eps_grid):
         samples = results.arrays(dataset, eps, seed)["prior_samples"]
         show_images(ax, samples, int(np.ceil(np.sqrt(len(samples)))), model_name(eps), palette(results)[eps])
-    fig.suptitle(f"Figure 4 - samples, {results.labels[dataset]}, seed {seed}", fontsize=10, wrap=True)
+    figure_title(fig, f"Figure 4 - samples, {results.labels[dataset]}, seed {seed}")
     keys = [(dataset, eps, seed) for eps in eps_grid]
     return save_figure(fig, path, results, keys, f"Figure 4: prior samples, {results.labels[dataset]}")
 

@@ -26,7 +26,6 @@ def png_provenance(results: Results, keys: list, what: str, path: Path) -> dict:
     }
 
 
-
 def single_seed(results: Results, dataset: str) -> str:
     """The dataset's models with one seed, whose differences have no spread to be judged against:
     '' when there are none, 'every model' when no model has more."""
@@ -35,6 +34,7 @@ def single_seed(results: Results, dataset: str) -> str:
     if len(single) == len(results.eps_of(dataset)):
         return "every model"
     return listing(single) if single else ""
+
 
 def describe_models(keys, results: Results) -> str:
     """'all' for every model of the grid; else each model's id. A key may be a name already (a

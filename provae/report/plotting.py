@@ -110,6 +110,11 @@ def legend_in_rows(fig, models: list, styles: list, colour_label: str, per_row: 
                       handlelength=3.0, handletextpad=0.5, columnspacing=1.6)
 
 
+def figure_title(fig, text: str) -> None:
+    """The figure's title, wrapped at the figure's edge (matplotlib lets a long one run off the canvas)."""
+    fig.suptitle(text, fontsize=10, wrap=True)
+
+
 def new_figure(nrows: int, ncols: int, figsize, **kwargs):
     """A figure with constrained layout: keys outside the axes get their own room."""
     return plt.subplots(nrows, ncols, figsize=figsize, squeeze=False, layout="constrained", **kwargs)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from provae.report.plotting import (LINE_STYLES, line_width, model_handles, new_figure, palette, save_figure,
-                                    shared_legend, style_handles)
+from provae.report.plotting import (LINE_STYLES, figure_title, line_width, model_handles, new_figure, palette,
+                                    save_figure, shared_legend, style_handles)
 from provae.report.results import Results, read_required
 
 
@@ -37,7 +37,7 @@ def figure_training_curves(results: Results, seed, path) -> list:
         ax.set_xlabel("epoch")
         ax.set_ylabel("nats per image (test monitor subset)")
         ax.grid(alpha=0.3, linewidth=0.5)
-    fig.suptitle(f"Training, seed {seed}: the test certified bound at eps_train and the test ELBO per epoch", fontsize=10, wrap=True)
+    figure_title(fig, f"Training, seed {seed}: the test certified bound at eps_train and the test ELBO per epoch")
     shared_legend(fig, model_handles(results, results.eps_grid), style_handles(("train_bound", "train_elbo")))
     keys = [(dataset, eps, seed) for dataset in results.datasets for eps in results.eps_of(dataset)]
     return save_figure(fig, path, results, keys, "Training curves")
