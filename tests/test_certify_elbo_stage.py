@@ -60,7 +60,10 @@ def test_bounds_hold_every_method_in_the_headline_ball_only_soundly_and_in_order
     for e in eps:  # means over the same images, each ordered per image
         assert table.loc[(e, "elbo"), "bound"] >= table.loc[(e, "crown"), "bound"] >= table.loc[(e, "ibp"), "bound"]
         assert table.loc[(e, "attacked_elbo")].nunique() == 1  # one attack, audited against each method
-        assert (table.loc[(e, "bound")] <= table.loc[(e, "attacked_elbo")]).all()
+        # The audit's float slack: at eps 0 each bound is the ELBO by another arithmetic path, and on
+        # some CPUs it rounds a few ulps above the attacked (= clean) ELBO. NaN still fails.
+        slack = params["evaluate"]["audit_tolerance"] * table.loc[(e, "attacked_elbo")].abs()
+        assert (table.loc[(e, "bound")] <= table.loc[(e, "attacked_elbo")] + slack).all()
     at_zero = table.loc[0.0]
     assert at_zero["bound"].to_numpy() == pytest.approx([at_zero["attacked_elbo"].iloc[0]] * 3, rel=1e-4)
     assert table.loc[(max(eps), "crown"), "bound"] > table.loc[(max(eps), "ibp"), "bound"]

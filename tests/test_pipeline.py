@@ -72,8 +72,10 @@ def test_certificate_audit_ran_and_passed_in_both_balls(project):
     assert metrics["violations"] == 0
     assert metrics["lb_test"] <= metrics["lb_test_clipped"] <= metrics["elbo_test"]  # the clipped ball is smaller
     curve = pd.read_csv(repo / "reports" / "attack_curves" / "mnist-eps0.05-seed0.csv")
-    for ball in ("unclipped", "clipped"):
-        assert (curve[f"elbo_attacked_{ball}"] >= curve[f"bound_{ball}"]).all()
+    tolerance = yaml.safe_load((repo / "params.yaml").read_text())["evaluate"]["audit_tolerance"]
+    for ball in ("unclipped", "clipped"):  # within the audit's float slack; NaN fails
+        bound = curve[f"bound_{ball}"]
+        assert (curve[f"elbo_attacked_{ball}"] >= bound - tolerance * bound.abs()).all()
     # Valid images are a subset of the unclipped ball: its attacks reach at least as low.
     assert (curve["elbo_attacked_unclipped"] <= curve["elbo_attacked_clipped"] + 0.5).all()
 
